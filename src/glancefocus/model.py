@@ -1,0 +1,234 @@
+"""GlanceFocusNet: the glance encoder, the focus encoder, the classifier and the patch policy,
+wired as in the paper. `step` runs one glance or focus step; the full pass, training, evaluation
+and the early-exit predictor all drive it, so they cannot drift apart."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import crops
+from .classifier import CascadedClassifier, RecurrentClassifier
+from .config import ModelConfig
+from .encoder import Encoder, create_backbone
+from .policy import PatchPolicy, PolicyOutput
+
+
+@dataclass
+class StepState:
+    """What one step hands to the next, for every image of the batch."""
+
+    step: int                                # steps done so far (1 after the glance)
+    feature_map: torch.Tensor                # [B, C, h, w] the last step's map: the policy's input
+    classifier_state: torch.Tensor           # GRU hidden [1, B, H] or features so far [B, t*D]
+    policy_hidden: Optional[torch.Tensor]    # [1, B, H]; None before the first focus step
+
+    def select(self, index: torch.Tensor) -> "StepState":
+        """The state of a subset of the batch (a bool mask or indices), e.g. images still running."""
+        gru_like = self.classifier_state.dim() == 3
+        return StepState(
+            step=self.step,
+            feature_map=self.feature_map[index],
+            classifier_state=self.classifier_state[:, index] if gru_like else self.classifier_state[index],
+            policy_hidden=None if self.policy_hidden is None else self.policy_hidden[:, index],
+        )
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor                     # [B, K] this step's prediction
+    state: StepState
+    box: torch.Tensor                        # [B, 4] pixels (x0, y0, x1, y1) looked at
+    location: Optional[torch.Tensor] = None  # [B, 2] the focus location (None at the glance)
+    aux_logits: Optional[torch.Tensor] = None  # [B, K] the encoder's own head (deep supervision)
+    policy: Optional[PolicyOutput] = None    # the policy's mean, value and GRU state, if it ran
+
+
+@dataclass
+class GlanceFocusOutput:
+    logits: torch.Tensor                     # [T, B, K], glance first
+    locations: torch.Tensor                  # [T-1, B, 2] in [0, 1]^2
+    boxes: torch.Tensor                      # [T, B, 4] pixels (x0, y0, x1, y1)
+    aux_logits: Optional[torch.Tensor] = None  # [T, B, K] when asked for
+
+
+Locations = Union[None, str, torch.Tensor]
+
+
+class GlanceFocusNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        _validate(config)
+        self.config = config
+        self.class_names: Optional[list[str]] = None
+        self.exit_curve: Optional[dict] = None   # calibrated thresholds per budget (see exits.py)
+        self.metrics: dict = {}
+        build = dict(num_classes=config.num_classes, in_chans=config.in_chans,
+                     pretrained=config.pretrained, **config.encoder_kwargs)
+        self.glance_encoder = Encoder(create_backbone(config.arch, **build))
+        self.focus_encoder = Encoder(create_backbone(config.arch, **build))
+        feature_dim, state_shape = self._probe_shapes()
+        self.feature_dim = feature_dim
+        self.state_shape = state_shape
+        if config.classifier == "recurrent":
+            self.classifier = RecurrentClassifier(feature_dim, config.classifier_hidden, config.num_classes)
+        else:
+            self.classifier = CascadedClassifier(feature_dim, config.num_classes, config.max_steps)
+        self.policy = PatchPolicy(state_shape[0], state_shape[1:], config.policy_hidden,
+                                  encoder=config.policy_encoder, std=config.policy_std)
+
+    @torch.no_grad()
+    def _probe_shapes(self):
+        """Feature size and state-map shape, read off one forward pass at P x P."""
+        encoder = self.glance_encoder
+        was_training = encoder.training
+        encoder.eval()
+        p = self.config.patch_size
+        pooled, fmap = encoder(torch.zeros(1, self.config.in_chans, p, p))
+        encoder.train(was_training)
+        return pooled.shape[1], tuple(fmap.shape[1:])
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    # ------------------------------------------------------------------------------------------
+    def step(self, images: torch.Tensor, state: Optional[StepState] = None,
+             location: Optional[torch.Tensor] = None, sample: bool = False,
+             aux: bool = False, generator: Optional[torch.Generator] = None) -> StepOutput:
+        """One step on full-resolution `images` [B, C, H, W].
+
+        With no `state` this is the glance. Otherwise a focus step: the policy proposes where to
+        look from the state (its mean, or a sample when `sample`), unless `location` [B, 2] is
+        given, in which case the policy does not run.
+        """
+        height, width = images.shape[-2:]
+        p = self.config.patch_size
+        if height < p or width < p:
+            raise ValueError(f"images of {height}x{width} are smaller than the patch size {p}")
+        policy_out = None
+        if state is None:
+            step = 1
+            view = crops.glance(images, p, self.config.glance_interpolation, self.config.glance_antialias)
+            box = images.new_tensor([0, 0, width, height], dtype=torch.long).expand(images.shape[0], 4)
+            encoder, classifier_state, policy_hidden = self.glance_encoder, None, None
+        else:
+            step = state.step + 1
+            if step > self.config.max_steps:
+                raise ValueError(f"step {step} is past model.max_steps={self.config.max_steps}")
+            policy_hidden = state.policy_hidden
+            if location is None:
+                policy_out = self.policy(state.feature_map, state.policy_hidden)
+                policy_hidden = policy_out.hidden
+                location = (self.policy.sample(policy_out.mean, generator) if sample
+                            else policy_out.mean.detach().float())
+            view = crops.crop(images, location, p)
+            box = crops.crop_boxes(location, height, width, p)
+            encoder, classifier_state = self.focus_encoder, state.classifier_state
+        pooled, fmap = encoder(view)
+        logits, classifier_state = self.classifier(pooled, classifier_state, step)
+        if step == 1 and self.config.glance_head == "encoder":
+            logits = encoder.head(pooled)
+        return StepOutput(
+            logits=logits,
+            state=StepState(step, fmap, classifier_state, policy_hidden),
+            box=box, location=location, policy=policy_out,
+            aux_logits=encoder.head(pooled) if aux else None,
+        )
+
+    def forward(self, images: torch.Tensor, locations: Locations = None, sample: Optional[bool] = None,
+                steps: Optional[int] = None, aux: bool = False,
+                generator: Optional[torch.Generator] = None) -> GlanceFocusOutput:
+        """All steps for every image (anytime prediction).
+
+        locations: None (the policy: samples in training mode, its mean in eval mode), 'random'
+        (uniform, as in stage 1), or a tensor [T-1, B, 2] of given locations.
+        """
+        steps = steps or self.config.max_steps
+        if sample is None:
+            sample = self.training
+        if isinstance(locations, str):
+            if locations != "random":
+                raise ValueError(f"locations must be None, 'random' or a tensor, got {locations!r}")
+            locations = torch.rand(steps - 1, images.shape[0], 2, generator=generator,
+                                   device=images.device if generator is None else generator.device)
+            locations = locations.to(images.device)
+        out = self.step(images, aux=aux)
+        logits, boxes, aux_logits, chosen = [out.logits], [out.box], [out.aux_logits], []
+        for t in range(1, steps):
+            given = None if locations is None else locations[t - 1]
+            out = self.step(images, out.state, location=given, sample=sample, aux=aux,
+                            generator=generator)
+            logits.append(out.logits)
+            boxes.append(out.box)
+            aux_logits.append(out.aux_logits)
+            chosen.append(out.location.float())
+        empty = images.new_zeros(0, images.shape[0], 2, dtype=torch.float32)
+        return GlanceFocusOutput(
+            logits=torch.stack(logits),
+            locations=torch.stack(chosen) if chosen else empty,
+            boxes=torch.stack(boxes),
+            aux_logits=torch.stack(aux_logits) if aux else None,
+        )
+
+    def macs(self) -> dict:
+        """Multiply-adds per part and per step (REFERENCE §4), counted from the modules."""
+        from .macs import count_model_macs
+
+        return count_model_macs(self)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.glance_encoder.activation_checkpointing = enabled
+        self.focus_encoder.activation_checkpointing = enabled
+
+
+def _validate(config: ModelConfig) -> None:
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    need(config.num_classes >= 1, f"model.num_classes must be >= 1, got {config.num_classes}")
+    need(config.patch_size >= 8, f"model.patch_size must be >= 8 pixels, got {config.patch_size}")
+    need(config.max_steps >= 1, f"model.max_steps must be >= 1, got {config.max_steps}")
+    need(config.in_chans >= 1, f"model.in_chans must be >= 1, got {config.in_chans}")
+    need(config.classifier in ("recurrent", "cascaded"),
+         f"model.classifier must be 'recurrent' or 'cascaded', got {config.classifier!r}")
+    need(config.glance_head in ("classifier", "encoder"),
+         f"model.glance_head must be 'classifier' or 'encoder', got {config.glance_head!r}")
+    need(config.classifier != "cascaded" or config.glance_head == "encoder",
+         "model.glance_head must be 'encoder' for a cascaded classifier (it has no step-1 linear)")
+    need(config.glance_interpolation in crops.INTERPOLATIONS,
+         f"model.glance_interpolation must be one of {crops.INTERPOLATIONS}, "
+         f"got {config.glance_interpolation!r}")
+    need(config.policy_std > 0, f"model.policy_std must be > 0, got {config.policy_std}")
+
+
+def create_model(arch: str, num_classes: Optional[int] = None, patch_size: Optional[int] = None,
+                 max_steps: Optional[int] = None, pretrained: Union[bool, str] = False,
+                 image_size: Optional[int] = None, **overrides) -> GlanceFocusNet:
+    """A GFNet for `arch`: a preset name (the authors' configurations, 'demo') or any timm CNN.
+
+    Unset arguments take the preset's values (or ModelConfig's defaults: 1000 classes, P 96,
+    T 5). `image_size`, if given, is only checked against the patch size: the model takes any
+    input at least P x P, square or not.
+    """
+    from .presets import model_config_for
+
+    fields = dict(overrides, pretrained=pretrained)
+    if num_classes is not None:
+        fields["num_classes"] = num_classes
+    if patch_size is not None:
+        fields["patch_size"] = patch_size
+    if max_steps is not None:
+        fields["max_steps"] = max_steps
+    config = model_config_for(arch, **fields)
+    if image_size is not None and image_size < config.patch_size:
+        raise ValueError(f"image size {image_size} is smaller than the patch size {config.patch_size}")
+    return GlanceFocusNet(config)
+

@@ -1,0 +1,123 @@
+"""Named configurations as plain data: the authors' eleven backbones and the built-in demo.
+
+A preset is a partial RunConfig dict (sections `model`, `data`, `train`); anything it leaves out
+takes the dataclass default, and every field can still be overridden by a file or key=value.
+"""
+from __future__ import annotations
+
+import copy
+
+from .config import ModelConfig
+
+
+def _family(backbone_lr, weight_decay, dsn_ratio, train_glance_encoder, stage1_epochs):
+    """The per-family recipe of REFERENCE §2 (SGD, cosine; PPO for stage 2)."""
+    stage = dict(backbone_lr=backbone_lr, weight_decay=weight_decay, dsn_ratio=dsn_ratio,
+                 train_glance_encoder=train_glance_encoder)
+    return {
+        "batch_size": 256,
+        "stage1": dict(stage, epochs=stage1_epochs, classifier_lr=0.1),
+        "stage2": dict(epochs=15),
+        "stage3": dict(stage, epochs=stage1_epochs, classifier_lr=0.01),
+    }
+
+
+def _imagenet_data(image_size=224, crop_pct=0.875, interpolation="bilinear"):
+    return {"dataset": "folder", "image_size": image_size,
+            "resize_size": int(image_size / crop_pct), "interpolation": interpolation}
+
+
+def _resnet_like(arch, glance_interpolation, **model):
+    return {
+        "model": dict(arch=arch, classifier="recurrent", classifier_hidden=1024,
+                      policy_encoder="linear", policy_hidden=1024,
+                      glance_interpolation=glance_interpolation, **model),
+        "data": _imagenet_data(),
+    }
+
+
+def _regnet(timm_name):
+    preset = {
+        "model": dict(arch=timm_name, classifier="recurrent", classifier_hidden=1024,
+                      glance_head="encoder", policy_encoder="conv", policy_hidden=256,
+                      glance_interpolation="bilinear"),
+        "data": _imagenet_data(),
+        "train": _family(0.02, 5e-5, 1.0, True, 60),
+    }
+    return preset
+
+
+def _cascaded(arch, max_steps, patch_size, data, stage1_epochs):
+    return {
+        "model": dict(arch=arch, classifier="cascaded", glance_head="encoder",
+                      policy_encoder="conv", policy_hidden=256, glance_interpolation="bicubic",
+                      max_steps=max_steps, patch_size=patch_size),
+        "data": data,
+        "train": _family(0.005, 1e-4, 5.0, False, stage1_epochs),
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "resnet50": dict(_resnet_like("resnet50", "bicubic"), train=_family(0.01, 1e-4, 1.0, True, 60)),
+    "densenet121": dict(_resnet_like("densenet121", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
+    "densenet169": dict(_resnet_like("densenet169", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
+    "densenet201": dict(_resnet_like("densenet201", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
+    # the authors' names for RegNets; the encoders are timm's equivalents
+    "regnety_600m": _regnet("regnety_006"),
+    "regnety_800m": _regnet("regnety_008"),
+    "regnety_1.6g": _regnet("regnety_016"),
+    "mobilenetv3_large_100": _cascaded("mobilenetv3_large_100", 3, 96, _imagenet_data(), 90),
+    "mobilenetv3_large_125": _cascaded("mobilenetv3_large_125", 3, 128, _imagenet_data(), 90),
+    "efficientnet_b2": _cascaded("efficientnet_b2", 4, 128,
+                                 _imagenet_data(260, 0.875, "bicubic"), 30),
+    "efficientnet_b3": _cascaded("efficientnet_b3", 4, 128,
+                                 _imagenet_data(300, 0.904, "bicubic"), 30),
+    # the built-in demo: cluttered MNIST (canvas 100, 8 fragments), a 5-conv CNN, P 32, T 3
+    "demo": {
+        "model": dict(arch="demo_cnn", num_classes=10, in_chans=1, patch_size=32, max_steps=3,
+                      classifier="recurrent", classifier_hidden=128, policy_encoder="conv",
+                      policy_hidden=128, glance_interpolation="bilinear", glance_antialias=True),
+        "data": dict(dataset="cluttered-mnist", image_size=100, canvas_size=100, num_clutter=8,
+                     clutter_size=8, mean=[0.5], std=[0.5], train_canvases=20000,
+                     test_canvases=5000),
+        "train": {
+            "batch_size": 128,
+            "stage1": dict(epochs=8, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
+                           dsn_ratio=1.0, train_glance_encoder=True),
+            "stage2": dict(epochs=1, updates=500, ppo_lr=3e-4),
+            "stage3": dict(epochs=2, backbone_lr=0.005, classifier_lr=0.005, weight_decay=1e-4,
+                           dsn_ratio=1.0, train_glance_encoder=True),
+        },
+    },
+}
+
+# The authors' model names map onto timm encoders of other names.
+AUTHORS_ARCH_TO_PRESET = {name: name for name in PRESETS if name != "demo"}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of preset `name` (a partial RunConfig dict)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset '{name}'; presets: {', '.join(preset_names())}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def default_model_section(arch: str) -> dict:
+    """The model section for `arch`: its preset's, or a sensible default for any timm CNN
+    (recurrent head and the light 1x1-conv policy encoder, which fit any channel count)."""
+    if arch in PRESETS:
+        return get_preset(arch)["model"]
+    return dict(arch=arch, classifier="recurrent", classifier_hidden=1024, policy_encoder="conv",
+                policy_hidden=256, glance_interpolation="bicubic")
+
+
+def model_config_for(arch: str, **overrides) -> ModelConfig:
+    from .config import from_dict
+
+    section = default_model_section(arch)
+    section.update(overrides)
+    return from_dict(ModelConfig, section, prefix="model.")
