@@ -158,7 +158,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from `data`, naming the exact key of any unknown field or wrong type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, "
+                          f"got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -70,8 +70,18 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained, **kw
             if not timm.is_model(arch):
                 raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor 'demo_cnn' "
                                  "(see timm.list_models())")
-            net = timm.create_model(arch, pretrained=timm_pretrained, num_classes=num_classes,
-                                    in_chans=in_chans, **kwargs)
+            try:
+                net = timm.create_model(arch, pretrained=timm_pretrained, num_classes=num_classes,
+                                        in_chans=in_chans, **kwargs)
+            except TypeError as exc:  # an argument timm's builder does not take
+                raise ValueError(f"model.encoder_kwargs {kwargs} do not fit {arch}: {exc}") from None
+            except (OSError, RuntimeError) as exc:
+                if not timm_pretrained:
+                    raise
+                raise ValueError(f"model.pretrained=true: timm could not fetch the weights of {arch} "
+                                 f"(offline?): {str(exc).splitlines()[0]}. Give a local weights "
+                                 "file with model.pretrained=PATH, or train from scratch "
+                                 "with model.pretrained=false") from None
     if isinstance(pretrained, str):
         load_backbone_weights(net, pretrained)
     return net
@@ -112,7 +122,9 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
     for key in head_keys:
         if key in mapped and mapped[key].shape != own[key].shape:
             del mapped[key]  # a head for another number of classes: keep the fresh one
-    missing = [k for k in own if k not in mapped and k not in head_keys]
+    # BatchNorm counters absent from the file keep their fresh values (see _map_by_order)
+    missing = [k for k in own if k not in mapped and k not in head_keys
+               and not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(f"model.pretrained: '{path}' lacks {len(missing)} tensors, e.g. {missing[:3]}")
     net.load_state_dict(mapped, strict=False)
