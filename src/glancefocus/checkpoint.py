@@ -246,22 +246,22 @@ def import_authors_checkpoint(raw: dict, source: str = "<authors' checkpoint>"):
     return model
 
 
-def _floats(values) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        return [float(v) for v in values.flatten().tolist()]
-    return [float(v) for v in values]
+def _plain(value):
+    """Tensors, numpy values and nested lists as plain Python floats (safe to store)."""
+    if hasattr(value, "tolist"):  # torch and numpy
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return float(value)
 
 
 def _authors_metrics(raw: dict) -> dict:
     metrics = {"source": "authors' release"}
     if "anytime_classification" in raw:
-        metrics["anytime_top1"] = _floats(raw["anytime_classification"])
+        metrics["anytime_top1"] = _plain(raw["anytime_classification"])
     for key in ("flops", "model_flops", "policy_flops", "fc_flops"):
         if key in raw:
-            value = raw[key]
-            metrics[f"authors_{key}"] = (_floats(value) if isinstance(value, (list, tuple, torch.Tensor))
-                                         and not (isinstance(value, torch.Tensor) and value.dim() == 0)
-                                         else float(value))
+            metrics[f"authors_{key}"] = _plain(raw[key])
     return metrics
 
 
@@ -273,8 +273,8 @@ def _authors_exit_curve(raw: dict, max_steps: int) -> Optional[dict]:
              "thresholds": thresholds.tolist(), "source": "authors' release"}
     budgeted = raw.get("budgeted_batch_classification")
     if budgeted is not None and len(budgeted) == 2:
-        curve["macs"] = _floats(budgeted[0])
-        curve["accuracy"] = _floats(budgeted[1])
+        curve["macs"] = _plain(budgeted[0])
+        curve["accuracy"] = _plain(budgeted[1])
     return curve
 
 
