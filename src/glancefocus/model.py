@@ -177,6 +177,14 @@ class GlanceFocusNet(nn.Module):
             aux_logits=torch.stack(aux_logits) if aux else None,
         )
 
+    def predict(self, images: torch.Tensor, budget: Optional[float] = None,
+                thresholds: Optional[torch.Tensor] = None) -> list:
+        """Early-exit predictions, one per image (see predictor.Predictor): images that are
+        confident enough leave the batch, so later steps compute only on the others."""
+        from .predictor import predict
+
+        return predict(self, images, budget=budget, thresholds=thresholds)
+
     def macs(self) -> dict:
         """Multiply-adds per part and per step (REFERENCE §4), counted from the modules."""
         from .macs import count_model_macs

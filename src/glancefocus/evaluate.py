@@ -1,0 +1,397 @@
+"""`glancefocus evaluate`: anytime accuracy, budgeted batch classification, and the exit curve
+stored into the checkpoint (REFERENCE §3).
+
+1. Every step is run for every validation image (eval mode, the policy's mean): Top-1 and Top-5
+   after each step.
+2. Thresholds for the 39 budgets are calibrated on training images seen with the training
+   augmentation (a fixed-seed subset of train.calibrate_images images), or taken from the
+   checkpoint (`--calibrate stored`, e.g. an imported authors' file), then applied to the
+   validation set: accuracy and expected MACs per budget.
+3. The curve and the anytime metrics go into the checkpoint, rewritten atomically with
+   everything else in it kept, so the model can then be used at a MACs budget
+   (`glancefocus predict --budget`, predictor.Predictor).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import exits
+from .atomic import atomic_path, write_json
+from .checkpoint import FORMAT, checkpoint_dict, import_authors_checkpoint, model_from_native, read_checkpoint
+from .config import DataConfig, TrainConfig, from_dict, to_dict
+from .data import ImageFolderDataset, collate_skip_bad
+from .data.cluttered_mnist import ClutteredMNIST
+
+CALIBRATION_SEED = 0
+"""Which training images calibrate the thresholds, and their augmentation: fixed, so that
+evaluating the same checkpoint twice gives the same curve."""
+
+
+# ----------------------------------------------------------------------------------------------
+# what the checkpoint says about its data
+
+def preset_data_section(arch: str) -> dict:
+    """The data section of the preset whose model is `arch` (empty if none matches)."""
+    from .presets import PRESETS
+
+    for preset in PRESETS.values():
+        if preset["model"]["arch"] == arch:
+            return dict(preset.get("data", {}))
+    return {}
+
+
+def data_config_for(run_config: dict, root: Optional[str] = None) -> DataConfig:
+    """The checkpoint's data config (or, without one, its preset's), root overridden by `root`.
+
+    An image-folder dataset needs a root: a checkpoint without a data section (an imported
+    authors' file) must be given one.
+    """
+    section = run_config.get("data")
+    stored = section is not None
+    if not stored:
+        section = preset_data_section(run_config["model"]["arch"])
+    section = dict(section)
+    if root is not None:
+        section["root"] = str(root)
+    config = from_dict(DataConfig, section, prefix="data.")
+    if config.dataset == "folder" and not config.root:
+        where = ("its data section names no root" if stored else
+                 "it stores no data section (e.g. an imported authors' file)")
+        raise ValueError(f"the checkpoint's images are an image folder and {where}: give --data ROOT "
+                         "(ROOT/train/<class>/..., ROOT/val/<class>/...)")
+    return config
+
+
+def validation_dataset(config: DataConfig, channels: int):
+    if config.dataset == "cluttered-mnist":
+        return ClutteredMNIST(config, "test", channels=channels)
+    return ImageFolderDataset(config.root, "val", config, train=False, channels=channels)
+
+
+def training_dataset(config: DataConfig, channels: int, classes: list):
+    """Training images with the training augmentation (fresh canvases for cluttered MNIST)."""
+    if config.dataset == "cluttered-mnist":
+        return ClutteredMNIST(config, "train", channels=channels)
+    return ImageFolderDataset(config.root, "train", config, train=True, channels=channels,
+                              classes=classes)
+
+
+def check_classes(model, dataset) -> None:
+    classes = list(dataset.classes)
+    if len(classes) != model.config.num_classes:
+        raise ValueError(f"the data has {len(classes)} classes but the model {model.config.num_classes}")
+    if model.class_names and list(model.class_names) != classes:
+        raise ValueError("the data's class folders differ from the model's class names "
+                         f"(e.g. data {classes[:3]} vs model {list(model.class_names)[:3]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# running every step for every image
+
+@dataclass
+class StepOutputs:
+    """What the exit simulation needs from a set whose every step was run."""
+
+    confidences: torch.Tensor   # [T, N] max softmax probability (float32)
+    predictions: torch.Tensor   # [T, N]
+    labels: torch.Tensor        # [N]
+    top1_correct: list          # [T] counts
+    top5_correct: list          # [T] counts
+
+    @property
+    def count(self) -> int:
+        return int(self.labels.numel())
+
+    def anytime(self) -> dict:
+        n = max(self.count, 1)
+        return {"top1": [c * 100.0 / n for c in self.top1_correct],
+                "top5": [c * 100.0 / n for c in self.top5_correct]}
+
+
+def collect_step_outputs(model, dataset, batch_size: int, num_workers: int = 0,
+                         device="cpu") -> StepOutputs:
+    """Run every step for every image of `dataset` (eval mode, the policy's mean)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skip_bad)
+    steps = model.config.max_steps
+    conf, pred, labels = [], [], []
+    top1, top5 = [0] * steps, [0] * steps
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                if batch is None:  # every file of this batch was unreadable
+                    continue
+                images, targets = batch[0].to(device), batch[1]
+                logits = model(images).logits.float().cpu()
+                batch_conf, batch_pred = exits.confidences_from_logits(logits)
+                conf.append(batch_conf)
+                pred.append(batch_pred)
+                labels.append(targets)
+                # anytime_accuracy gives percentages of this batch: back to counts to sum them
+                acc = exits.anytime_accuracy(logits, targets)
+                n = targets.numel()
+                top1 = [c + round(p * n / 100) for c, p in zip(top1, acc["top1"])]
+                top5 = [c + round(p * n / 100) for c, p in zip(top5, acc["top5"])]
+    finally:
+        model.train(was_training)
+    if hasattr(dataset, "check_bad_fraction"):
+        dataset.check_bad_fraction()
+    elif hasattr(getattr(dataset, "dataset", None), "check_bad_fraction"):
+        dataset.dataset.check_bad_fraction()
+    if not labels:
+        raise ValueError("no readable images to evaluate")
+    return StepOutputs(torch.cat(conf, dim=1), torch.cat(pred, dim=1), torch.cat(labels),
+                       top1, top5)
+
+
+def calibration_subset(dataset, count: int, seed: int = CALIBRATION_SEED):
+    """`count` images of `dataset` chosen by `seed` (all of them when it holds fewer)."""
+    if count <= 0:
+        raise ValueError(f"the number of calibration images must be > 0, got {count}")
+    if count >= len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, sorted(chosen.tolist()))
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed the global RNG (the training augmentation draws from it) and restore it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# the budgeted curve
+
+def evaluate_thresholds(thresholds, outputs: StepOutputs, step_macs) -> dict:
+    """Accuracy, expected MACs and exit shares of each row of `thresholds` [B, T] on `outputs`."""
+    curve = {"thresholds": [], "macs": [], "accuracy": [], "exit_share": []}
+    for row in torch.as_tensor(thresholds, dtype=torch.float64):
+        sim = exits.simulate_exits(outputs.confidences, outputs.predictions, outputs.labels, row,
+                                   step_macs)
+        curve["thresholds"].append(row.tolist())
+        curve["macs"].append(sim["macs"])
+        curve["accuracy"].append(sim["accuracy"])
+        curve["exit_share"].append(sim["exit_share"].tolist())
+    return curve
+
+
+def stored_thresholds(model) -> tuple[list, list]:
+    """(budgets, thresholds 39 x T) from the checkpoint's exit curve."""
+    curve = model.exit_curve
+    if not curve or not curve.get("thresholds"):
+        raise ValueError("--calibrate stored: the checkpoint holds no exit thresholds; calibrate "
+                         "them on training images with --calibrate train")
+    thresholds = curve["thresholds"]
+    if any(len(row) != model.config.max_steps for row in thresholds):
+        raise ValueError(f"--calibrate stored: the stored thresholds are not {model.config.max_steps} "
+                         "per budget (one per step)")
+    budgets = curve.get("budgets") or exits.budget_ratios()[:len(thresholds)]
+    return list(budgets), thresholds
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole evaluation
+
+def evaluate_model(model, data: DataConfig, calibrate: str = "train",
+                   calibrate_images: int = 200000, batch_size: int = 64, device="cpu",
+                   log=print) -> dict:
+    """Anytime accuracy and the budgeted curve of `model` on `data` (see the module docstring)."""
+    if calibrate not in ("train", "stored"):
+        raise ValueError(f"calibrate must be 'train' or 'stored', got {calibrate!r}")
+    channels = model.config.in_chans
+    step_macs = model.macs()["per_step"]
+    if calibrate == "stored":
+        budgets, thresholds = stored_thresholds(model)  # fail before the long run
+    val_set = validation_dataset(data, channels)
+    check_classes(model, val_set)
+    log(f"running all {model.config.max_steps} steps on {len(val_set)} validation images")
+    val = collect_step_outputs(model, val_set, batch_size, data.num_workers, device)
+    calibration = {"mode": calibrate}
+    if calibrate == "train":
+        train_set = training_dataset(data, channels, list(val_set.classes))
+        subset = calibration_subset(train_set, calibrate_images)
+        log(f"calibrating thresholds on {len(subset)} training images (training augmentation)")
+        with seeded(CALIBRATION_SEED):
+            calib = collect_step_outputs(model, subset, batch_size, data.num_workers, device)
+        thresholds = exits.calibrate_budgets(calib.confidences)
+        budgets = exits.budget_ratios()
+        calibration.update(images=calib.count, seed=CALIBRATION_SEED, augmentation=True)
+    else:
+        calibration["source"] = (model.exit_curve or {}).get("source", "checkpoint")
+    curve = dict(budgets=budgets, **evaluate_thresholds(thresholds, val, step_macs))
+    return {
+        "model": {"arch": model.config.arch, "patch_size": model.config.patch_size,
+                  "max_steps": model.config.max_steps, "num_classes": model.config.num_classes},
+        "data": {"dataset": data.dataset, "root": data.root, "val_images": val.count,
+                 "classes": list(val_set.classes)},
+        "calibration": calibration,
+        "macs_per_step": list(step_macs),
+        "anytime": val.anytime(),
+        "budgeted": curve,
+    }
+
+
+def exit_curve_from(results: dict) -> dict:
+    """The curve to store in a checkpoint (what thresholds_for_budget and predict read)."""
+    budgeted = results["budgeted"]
+    return {
+        "budgets": list(budgeted["budgets"]),
+        "thresholds": budgeted["thresholds"],
+        "macs": budgeted["macs"],
+        "accuracy": budgeted["accuracy"],
+        "calibration": dict(results["calibration"]),
+        "evaluated_on": _data_summary(results),
+    }
+
+
+def metrics_from(results: dict) -> dict:
+    return {"anytime_top1": results["anytime"]["top1"], "anytime_top5": results["anytime"]["top5"],
+            "evaluated_on": _data_summary(results)}
+
+
+def _data_summary(results: dict) -> dict:
+    return {k: v for k, v in results["data"].items() if k != "classes"}
+
+
+def store_in_checkpoint(path, raw: dict, results: dict) -> None:
+    """Rewrite the native checkpoint `path` (raw dict from read_checkpoint) with the exit curve
+    and metrics, keeping everything else (run config, training state) as it was."""
+    raw = dict(raw)
+    raw["exit_curve"] = exit_curve_from(results)
+    raw["metrics"] = {**dict(raw.get("metrics") or {}), **metrics_from(results)}
+    if not raw.get("class_names"):  # e.g. a converted authors' file: name the classes now
+        raw["class_names"] = list(results["data"]["classes"])
+    with atomic_path(path) as tmp:
+        torch.save(raw, tmp)
+
+
+def store_in_native_copy(path, model, results: dict) -> None:
+    """Write `model` (e.g. imported from an authors' file) as a native checkpoint with the curve."""
+    model.exit_curve = exit_curve_from(results)
+    model.metrics = {**model.metrics, **metrics_from(results)}
+    model.class_names = model.class_names or list(results["data"]["classes"])
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint_dict(model), tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# the plot
+
+def plot_accuracy_vs_macs(results: dict, path, baseline: Optional[dict] = None) -> None:
+    """Anytime points, the budgeted curve and the static baseline, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, unit = (1e9, "G") if max(results["macs_per_step"]) >= 1e9 else (1e6, "M")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    budgeted = results["budgeted"]
+    order = sorted(range(len(budgeted["macs"])), key=lambda i: budgeted["macs"][i])
+    ax.plot([budgeted["macs"][i] / scale for i in order], [budgeted["accuracy"][i] for i in order],
+            "-", color="tab:blue", label="budgeted (early exit)")
+    anytime_macs = [m / scale for m in results["macs_per_step"]]
+    ax.plot(anytime_macs, results["anytime"]["top1"], "o", color="tab:orange", label="anytime (step k)")
+    for k, (x, y) in enumerate(zip(anytime_macs, results["anytime"]["top1"]), start=1):
+        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if baseline:
+        ax.plot([baseline["macs"] / scale], [baseline["accuracy"]], "*", markersize=12,
+                color="tab:red", label="static baseline")
+    ax.set_xlabel(f"MACs per image ({unit})")
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.set_title(f"{results['model']['arch']}, P={results['model']['patch_size']}, "
+                 f"T={results['model']['max_steps']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="anytime accuracy and accuracy at 39 compute budgets; "
+                              "stores the calibrated exit thresholds in the checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a glancefocus checkpoint (or an authors' file "
+                   "with --trust-pickle)")
+    p.add_argument("--data", default=None, metavar="ROOT",
+                   help="image folder root (ROOT/train, ROOT/val); overrides the checkpoint's data.root")
+    p.add_argument("--calibrate", choices=("train", "stored"), default="train",
+                   help="train: calibrate thresholds on augmented training images (default); "
+                        "stored: evaluate the thresholds already in the checkpoint")
+    p.add_argument("--calibrate-images", type=int, default=None, metavar="N",
+                   help="training images for calibration (default: the config's "
+                        "train.calibrate_images, or all when fewer)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--static-baseline-macs", type=float, default=None, metavar="M")
+    p.add_argument("--static-baseline-accuracy", type=float, default=None, metavar="A")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling an authors' *.pth.tar (only for files you trust)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    if (args.static_baseline_macs is None) != (args.static_baseline_accuracy is None):
+        raise ValueError("give both --static-baseline-macs and --static-baseline-accuracy, or neither")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    raw = read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    native = raw.get("format") == FORMAT
+    model = model_from_native(raw, args.checkpoint) if native else \
+        import_authors_checkpoint(raw, source=str(args.checkpoint))
+    run_config = dict(raw["config"]) if native else {"model": to_dict(model.config)}
+    data = data_config_for(run_config, args.data)
+    calibrate_images = args.calibrate_images
+    if calibrate_images is None:
+        calibrate_images = (run_config.get("train") or {}).get("calibrate_images",
+                                                               TrainConfig().calibrate_images)
+    model.to(args.device)
+    results = evaluate_model(model, data, args.calibrate, calibrate_images, args.batch_size,
+                             args.device)
+    out = Path(args.out)
+    baseline = None
+    if args.static_baseline_macs is not None:
+        baseline = {"macs": args.static_baseline_macs, "accuracy": args.static_baseline_accuracy}
+    results["static_baseline"] = baseline
+    results["checkpoint"] = str(args.checkpoint)
+    if native:
+        store_in_checkpoint(args.checkpoint, raw, results)
+        results["stored_in"] = str(args.checkpoint)
+    else:
+        # an authors' pickle is left untouched: the curve goes into a native copy beside the results
+        store_in_native_copy(out / "model.pt", model.cpu(), results)
+        results["stored_in"] = str(out / "model.pt")
+    write_json(out / "evaluation.json", results)
+    plot_accuracy_vs_macs(results, out / "accuracy_vs_macs.png", baseline)
+    _print_summary(results, out)
+    return 0
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    anytime = results["anytime"]
+    print("step  MACs              top-1    top-5")
+    for k, macs in enumerate(results["macs_per_step"]):
+        print(f"{k + 1:>4}  {macs:>16,}  {anytime['top1'][k]:6.2f}  {anytime['top5'][k]:6.2f}")
+    budgeted = results["budgeted"]
+    picks = sorted({0, len(budgeted["macs"]) // 4, len(budgeted["macs"]) // 2, len(budgeted["macs"]) - 1})
+    print("budget q  expected MACs     top-1")
+    for i in picks:
+        print(f"{budgeted['budgets'][i]:>8.2f}  {budgeted['macs'][i]:>16,.0f}  {budgeted['accuracy'][i]:6.2f}")
+    print(f"wrote {out / 'evaluation.json'}, {out / 'accuracy_vs_macs.png'}; exit curve stored in "
+          f"{results['stored_in']}")
