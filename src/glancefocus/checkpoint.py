@@ -65,7 +65,10 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
     if not file.is_file():
         raise CheckpointError(f"checkpoint '{path}' is not a file")
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about protocols of plain pickles before it refuses them: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refused something: a full pickle (the authors' files, or a crafted one)
         if not trust_pickle:
