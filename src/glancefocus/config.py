@@ -220,7 +220,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Resolve a run config: `base` dict (e.g. a preset), then the YAML/JSON file, then overrides."""
     data: dict = json.loads(json.dumps(base)) if base else {}
     if path is not None:
-        data = _deep_merge(data, read_config_file(path))
+        data = deep_merge(data, read_config_file(path))
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 
@@ -242,11 +242,11 @@ def read_config_file(path: str) -> dict:
     return loaded
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

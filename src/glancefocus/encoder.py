@@ -118,7 +118,7 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
     if set(state) == set(own) or set(state) == set(own) - head_keys:
         mapped = dict(state)
     else:
-        mapped = _map_by_order(state, own, path)
+        mapped = _map_by_order(state, own, path, head_keys)
     for key in head_keys:
         if key in mapped and mapped[key].shape != own[key].shape:
             del mapped[key]  # a head for another number of classes: keep the fresh one
@@ -130,7 +130,7 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
     net.load_state_dict(mapped, strict=False)
 
 
-def _map_by_order(state: dict, own: dict, path: str) -> dict:
+def _map_by_order(state: dict, own: dict, path: str, head_keys=frozenset()) -> dict:
     src, dst = list(state.items()), list(own.items())
     # BatchNorm's num_batches_tracked counters are absent from many files; align without them
     src = [(k, v) for k, v in src if not k.endswith("num_batches_tracked")]
@@ -140,7 +140,8 @@ def _map_by_order(state: dict, own: dict, path: str) -> dict:
                          f"{len(dst_keys)}; names differ too, so they cannot be matched")
     mapped = {}
     for (src_key, tensor), dst_key in zip(src, dst_keys):
-        if tensor.shape != own[dst_key].shape:
+        # a head for another number of classes is dropped by the caller
+        if tensor.shape != own[dst_key].shape and dst_key not in head_keys:
             raise ValueError(f"model.pretrained: '{path}': tensor '{src_key}' {tuple(tensor.shape)} "
                              f"does not fit '{dst_key}' {tuple(own[dst_key].shape)}")
         mapped[dst_key] = tensor

@@ -1,0 +1,57 @@
+"""What trains in each stage, its optimiser and its learning-rate schedule (REFERENCE §2).
+
+Frozen parts get requires_grad=False and stay in eval mode, so neither their weights nor their
+BatchNorm running statistics move.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def frozen_parts(model, stage: int, stage_config) -> list[nn.Module]:
+    if stage == 2:
+        return [model.glance_encoder, model.focus_encoder, model.classifier]
+    frozen = [model.policy]  # stage 1: random locations; stage 3: the fixed stage-2 policy
+    if not stage_config.train_glance_encoder:
+        frozen.append(model.glance_encoder)
+    return frozen
+
+
+def freeze_for_stage(model, stage: int, stage_config) -> None:
+    model.requires_grad_(True)
+    for part in frozen_parts(model, stage, stage_config):
+        part.requires_grad_(False)
+
+
+def set_train_modes(model, stage: int, stage_config) -> None:
+    """Training mode for what trains, eval mode for the frozen parts."""
+    model.train()
+    for part in frozen_parts(model, stage, stage_config):
+        part.eval()
+
+
+def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.optim.SGD:
+    """Nesterov SGD over (parameters, base learning rate) groups; frozen parameters are left out."""
+    param_groups = []
+    for params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        if params:
+            param_groups.append({"params": params, "lr": lr, "base_lr": lr})
+    return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=stage_config.momentum,
+                           nesterov=True, weight_decay=stage_config.weight_decay)
+
+
+def gfnet_sgd(model, stage_config) -> torch.optim.SGD:
+    """backbone_lr for both encoders (with their own heads), classifier_lr for the classifier."""
+    encoders = list(model.glance_encoder.parameters()) + list(model.focus_encoder.parameters())
+    return sgd([(encoders, stage_config.backbone_lr),
+                (list(model.classifier.parameters()), stage_config.classifier_lr)], stage_config)
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
+    """lr = 0.5 * base * (1 + cos(pi * epoch / epochs)), set at the start of each epoch."""
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5 * group["base_lr"] * (1 + math.cos(math.pi * epoch / epochs))

@@ -1,0 +1,117 @@
+"""Stage 2: train the patch policy with PPO, one update per batch.
+
+Encoders and classifier are frozen in eval mode. Every update is logged (RUN/stage2/metrics.csv:
+reward per focus step, approx KL, clip fraction, explained variance, entropy, value and policy
+loss, accuracy per step with the sampled locations); the policy is evaluated with its mean
+locations at the end of each epoch (RUN/stage2/eval.csv). last.pt is written every
+`save_every` updates and at each epoch end, so a resumed run restarts mid-epoch exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm import tqdm
+
+from .context import StageRun
+from .diagnosis import explain_rewards
+from .evaluation import evaluate_anytime
+from .loaders import (batches_per_epoch, check_bad_files, make_loader, per_process_batch,
+                      unpack)
+from .optim import freeze_for_stage, set_train_modes
+from .ppo import PPOLoss, collect_rollout, ppo_update
+from .runtime import STREAM_GLOBAL, STREAM_PPO, derive_seed, seed_everything
+from .supervised import format_steps
+
+log = logging.getLogger("glancefocus.train")
+
+WARN_EVERY = 100
+"""Repeat a reward warning at most this often (in updates) while it persists."""
+
+
+def run_policy_stage(run: StageRun) -> list[dict]:
+    model, runtime, config = run.model, run.runtime, run.config
+    stage_config = run.stage_config
+    if model.config.max_steps < 2:
+        raise ValueError("stage 2 trains the patch policy, which needs model.max_steps >= 2")
+    freeze_for_stage(model, 2, stage_config)
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=stage_config.ppo_lr, betas=(0.9, 0.999))
+    ppo_loss = runtime.wrap(PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
+                                    stage_config.entropy_coef))
+    batch_size = per_process_batch(config.train.batch_size, runtime)
+    per_epoch = batches_per_epoch(len(run.train_set), batch_size, runtime)
+    total = stage_config.updates or stage_config.epochs * per_epoch
+    update = run.restore(optimizer)["update"] if run.resume else 0
+    recorder = run.recorder("update")
+    eval_recorder = run.recorder("update", file_name="eval.csv")
+    bar = tqdm(total=total, initial=update, desc="stage 2 PPO updates",
+               disable=not (run.progress and runtime.is_main), dynamic_ncols=True)
+    history, last_warning = [], -math.inf
+    if update >= total and runtime.is_main:
+        log.info("stage 2: all %d updates were done already", total)
+    while update < total:
+        epoch, position = divmod(update, per_epoch)
+        loader = make_loader(run.train_set, batch_size, runtime, seed=run.seed,
+                             epoch=run.data_epoch(epoch), shuffle=True,
+                             num_workers=config.data.num_workers, skip_batches=position)
+        for batch in loader:
+            # everything random in an update follows from (seed, update): resume is exact
+            seed_everything(derive_seed(run.seed, STREAM_GLOBAL, 2, update))
+            set_train_modes(model, 2, stage_config)
+            stats = {}
+            if batch is not None:  # None: every file of the batch was unreadable
+                images, labels, _ = unpack(batch, runtime, config.train.channels_last)
+                rollout = collect_rollout(model, images, labels, runtime,
+                                          runtime.generator(run.seed, STREAM_PPO, update),
+                                          config.train.micro_batch)
+                stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
+                                   where=f"stage 2 update {update + 1}")
+                warning = explain_rewards(rollout, model.config.num_classes)
+                if warning and runtime.is_main and update - last_warning >= WARN_EVERY:
+                    log.warning("update %d: %s", update + 1, warning)
+                    last_warning = update
+            update += 1
+            recorder.write(update, stats)
+            history.append(stats)
+            if stats and not bar.disable:
+                bar.set_postfix_str(f"reward {format_rewards(stats['reward'])} "
+                                    f"acc {format_steps(stats['accuracy'])}")
+            bar.update(1)
+            if update % per_epoch == 0 or update == total:
+                check_bad_files(run.train_set)
+                _evaluate_and_save(run, optimizer, update, total, update // per_epoch, eval_recorder)
+            elif update % run.save_every == 0 or run.stop_requested():
+                # a stop signal saves here too: resume restarts mid-epoch exactly at `update`
+                run.save(optimizer, epoch=update // per_epoch, update=update, finished=False)
+            if run.stop_requested():
+                bar.close()
+                raise run.interrupted()
+            if update >= total:
+                break
+    bar.close()
+    recorder.close()
+    eval_recorder.close()
+    return history
+
+
+def _evaluate_and_save(run: StageRun, optimizer, update: int, total: int, epoch: int,
+                       recorder) -> None:
+    model, config = run.model, run.config
+    batch_size = per_process_batch(config.train.batch_size, run.runtime)
+    evaluation = evaluate_anytime(model, run.eval_set, run.runtime, batch_size, seed=run.seed,
+                                  num_workers=config.data.num_workers)
+    metrics = {f"eval_{key}": value for key, value in evaluation.items()}
+    model.metrics = {"stage": 2, "update": update, **metrics}
+    if run.runtime.is_main:
+        hit_rate = evaluation.get("hit_rate")
+        log.info("stage 2 update %d/%d: eval acc %s%s", update, total,
+                 format_steps(evaluation["accuracy"]),
+                 f", hit rate {format_rewards(hit_rate)}" if hit_rate else "")
+    recorder.write(update, metrics)
+    run.save(optimizer, epoch=epoch, update=update, finished=update == total,
+             metric=evaluation["accuracy"][-1])
+
+
+def format_rewards(values) -> str:
+    return "/".join(f"{float(v):.3f}" for v in values)

@@ -1,0 +1,147 @@
+"""Run the three GFNet training stages on one run folder (REFERENCE §2).
+
+Each stage starts from the previous stage's result in the run folder (stage 2 from
+RUN/stage1/last.pt, stage 3 from RUN/stage2/last.pt), or from `init`, a checkpoint given for the
+first stage run. With `resume`, a stage that has a last.pt continues from it (a stage that
+had finished has nothing left to do, unless its length was raised); a stage without one starts
+as usual.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..config import RunConfig, to_dict
+from ..data import build_datasets
+from ..model import GlanceFocusNet
+from .context import StageRun
+from ..interrupts import TrainingInterrupted, stop_on_signals
+from .policy_stage import run_policy_stage
+from .runtime import (STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime,
+                      stop_runtime)
+from .state import check_same_run, last_checkpoint, load_weights, write_run_config
+from .supervised_stage import run_supervised_stage
+
+log = logging.getLogger("glancefocus.train")
+
+ALL_STAGES = (1, 2, 3)
+
+
+def train(config: RunConfig, stages: Sequence[int] = ALL_STAGES, resume: bool = False,
+          init: Optional[str] = None, *, datasets=None, progress: bool = True,
+          save_every: int = 200,
+          on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> dict[int, list[dict]]:
+    """Train `stages` in order; returns each stage's metrics (per epoch; stage 2: per update).
+
+    datasets: (train, eval, class_names) to use instead of building them from config.data.
+    save_every: stage 2 also writes last.pt every this many updates.
+    on_checkpoint(stage, training_state): called after every checkpoint is written.
+    """
+    _check_stages(config, stages)
+    out_dir = config.train.out_dir
+    if resume and not any(last_checkpoint(out_dir, s).exists() for s in stages):
+        raise FileNotFoundError(f"--resume: '{out_dir}' holds no checkpoint of stage(s) "
+                                f"{', '.join(map(str, stages))} to resume")
+    _starting_point(config, stages[0], resume, init)  # fail before writing anything
+    runtime = start_runtime(config.train.device, config.train.amp)
+    # SIGINT / SIGTERM only raise a flag: the stages save and raise TrainingInterrupted
+    with stop_on_signals() as stop_flag:
+        try:
+            return _train_stages(config, stages, resume, init, datasets, progress, save_every,
+                                 on_checkpoint, runtime, stop_flag)
+        finally:
+            stop_runtime(runtime)
+
+
+def _train_stages(config, stages, resume, init, datasets, progress, save_every, on_checkpoint,
+                  runtime, stop_flag) -> dict[int, list[dict]]:
+    """train()'s body, with the runtime started and the stop signals handled."""
+    out_dir = config.train.out_dir
+    train_set, eval_set, classes = datasets or build_datasets(config.data, config.model.in_chans)
+    if len(classes) != config.model.num_classes:
+        raise ValueError(f"the data has {len(classes)} classes but model.num_classes is "
+                         f"{config.model.num_classes}; set model.num_classes={len(classes)}")
+    if runtime.is_main:
+        write_run_config(out_dir, to_dict(config))
+    history = {}
+    for position, stage in enumerate(stages):
+        # between stages the previous one is saved (under torchrun the stage loops decide together)
+        if stop_flag.requested and position > 0 and not runtime.distributed:
+            raise TrainingInterrupted(stop_flag.signum,
+                                      last_checkpoint(out_dir, stages[position - 1]))
+        model, resume_state = _prepare_model(config, stage, runtime, resume,
+                                             init if position == 0 else None)
+        model.class_names = list(classes)
+        run = StageRun(stage, config, model, train_set, eval_set, runtime, resume_state,
+                       progress, save_every, on_checkpoint, stop_flag)
+        history[stage] = (run_policy_stage if stage == 2 else run_supervised_stage)(run)
+        # a collective: no process reads this stage's last.pt before the main one wrote it
+        runtime.check_ranks_agree(model)
+        if runtime.distributed and runtime.is_main:
+            log.info("stage %d: the %d processes hold identical weights", stage,
+                     runtime.world_size)
+    return history
+
+
+def _check_stages(config: RunConfig, stages: Sequence[int]) -> None:
+    if not stages or any(s not in ALL_STAGES for s in stages) or list(stages) != sorted(set(stages)):
+        raise ValueError(f"stages must be a rising sequence of 1, 2, 3, got {list(stages)}")
+    for stage in stages:
+        stage_config = getattr(config.train, f"stage{stage}")
+        if stage_config.epochs < 1 and not (stage == 2 and stage_config.updates > 0):
+            raise ValueError(f"train.stage{stage}.epochs must be >= 1, got {stage_config.epochs}")
+
+
+def _starting_point(config: RunConfig, stage: int, resume: bool, init: Optional[str]):
+    """Where the stage's weights come from: ('resume', its last.pt), ('init', CKPT),
+    ('previous', the previous stage's last.pt) or ('fresh', None)."""
+    last = last_checkpoint(config.train.out_dir, stage)
+    if resume and last.exists():
+        return "resume", last
+    if init is not None:
+        if not Path(init).is_file():
+            raise FileNotFoundError(f"--init: checkpoint '{init}' does not exist")
+        return "init", Path(init)
+    if stage == 1:
+        return "fresh", None
+    previous = last_checkpoint(config.train.out_dir, stage - 1)
+    if not previous.exists():
+        raise FileNotFoundError(
+            f"stage {stage} starts from stage {stage - 1}'s result, but '{previous}' does not "
+            f"exist: run --stage {stage - 1} first, or give a checkpoint with --init")
+    return "previous", previous
+
+
+def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool,
+                   init: Optional[str]):
+    """The stage's model on the run's device, and the training state to resume (or None)."""
+    kind, path = _starting_point(config, stage, resume, init)
+    seed_everything(derive_seed(config.train.seed, STREAM_INIT, stage))  # the initial weights
+    # only a fresh stage 1 needs model.pretrained; every other start loads a checkpoint
+    model = GlanceFocusNet(config.model if kind == "fresh"
+                           else dataclasses.replace(config.model, pretrained=False))
+    resume_state = None
+    if path is not None:
+        data = load_weights(model, path, config.model)
+        if kind == "resume":
+            check_same_run(data["config"], to_dict(config), path)
+            resume_state = data["training"]
+        if kind == "previous" and not (data.get("training") or {}).get("finished", False):
+            raise ValueError(f"stage {stage - 1} has not finished ('{path}'): continue it "
+                             f"with --stage {stage - 1} --resume first")
+        if runtime.is_main:
+            log.info("stage %d: %s %s", stage,
+                     "resuming from" if kind == "resume" else "starting from", path)
+    last = last_checkpoint(config.train.out_dir, stage)
+    if kind != "resume" and last.exists() and runtime.is_main:
+        log.warning("stage %d: '%s' exists and will be overwritten (use --resume to continue it)",
+                    stage, last)
+    model.to(runtime.device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.set_activation_checkpointing(config.train.activation_checkpointing)
+    return model, resume_state

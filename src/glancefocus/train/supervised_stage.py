@@ -1,0 +1,95 @@
+"""Stages 1 and 3: train the encoders and the classifier, epoch by epoch.
+
+Stage 1 looks at uniform random locations; stage 3 at locations sampled from the (frozen)
+stage-2 policy. SGD with per-part learning rates and a cosine schedule per epoch; after each epoch the
+BatchNorm statistics are recomputed for the final weights (see batchnorm.py), then the model is
+evaluated (stage 1 with random locations, stage 3 with the policy) and checkpointed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .context import StageRun
+from .batchnorm import recalibrate_batchnorm
+from .evaluation import evaluate_anytime
+from ..interrupts import UntilStopped
+from .loaders import check_bad_files, make_loader, per_process_batch
+from .optim import freeze_for_stage, gfnet_sgd, set_cosine_lr, set_train_modes
+from .runtime import (STREAM_BATCHNORM, STREAM_GLOBAL, STREAM_LOCATIONS, derive_seed,
+                      seed_everything)
+from .supervised import GlanceFocusLoss, format_steps, train_epoch
+
+log = logging.getLogger("glancefocus.train")
+
+
+def run_supervised_stage(run: StageRun) -> list[dict]:
+    model, runtime, config, stage = run.model, run.runtime, run.config, run.stage
+    stage_config = run.stage_config
+    freeze_for_stage(model, stage, stage_config)
+    optimizer = gfnet_sgd(model, stage_config)
+    scaler = runtime.grad_scaler()
+    plain_loss = GlanceFocusLoss(model, stage_config.dsn_ratio, random_locations=stage == 1)
+    loss_module = runtime.wrap(plain_loss)
+    start = run.restore(optimizer, scaler)["epoch"] if run.resume else 0
+    recorder = run.recorder("epoch")
+    batch_size = per_process_batch(config.train.batch_size, runtime)
+    locations = "random" if stage == 1 else None
+    history = []
+    if start >= stage_config.epochs and runtime.is_main:
+        log.info("stage %d: all %d epochs were done already", stage, stage_config.epochs)
+    for epoch in range(start, stage_config.epochs):
+        began = time.time()
+        # everything random in an epoch follows from (seed, stage, epoch): resume is exact
+        seed_everything(derive_seed(run.seed, STREAM_GLOBAL, stage, epoch))
+        set_cosine_lr(optimizer, epoch, stage_config.epochs)
+        set_train_modes(model, stage, stage_config)
+        metrics = train_epoch(
+            loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_requested),
+            optimizer, runtime, run.guard,
+            steps=model.config.max_steps, micro_batch=config.train.micro_batch,
+            channels_last=config.train.channels_last, scaler=scaler,
+            generator=runtime.generator(run.seed, STREAM_LOCATIONS, stage, epoch),
+            description=f"stage {stage} epoch {epoch + 1}/{stage_config.epochs}",
+            progress=run.progress)
+        if run.stop_requested():
+            # a mid-epoch stop: keep the weights, but --resume restarts this epoch from last.pt
+            raise run.interrupted(run.save_interrupted(epoch))
+        check_bad_files(run.train_set)
+        metrics["bad_files"] = _bad_file_count(run.train_set)
+        recalibrate_batchnorm(model, plain_loss, _epoch_batches(run, batch_size, epoch), runtime,
+                              runtime.generator(run.seed, STREAM_BATCHNORM, stage, epoch),
+                              config.train.channels_last)
+        runtime.share_buffers(model)
+        evaluation = evaluate_anytime(model, run.eval_set, runtime, batch_size, locations,
+                                      seed=run.seed, num_workers=config.data.num_workers)
+        metrics = {"lr": [g["lr"] for g in optimizer.param_groups], **metrics,
+                   **{f"eval_{key}": value for key, value in evaluation.items()},
+                   "seconds": time.time() - began}
+        model.metrics = {"stage": stage, "epoch": epoch + 1, **metrics}
+        if runtime.is_main:
+            log.info("stage %d epoch %d/%d: loss %.4f, train acc %s, eval acc %s%s (%.0f s)",
+                     stage, epoch + 1, stage_config.epochs, metrics["loss"],
+                     format_steps(metrics["train_accuracy"]), format_steps(evaluation["accuracy"]),
+                     " (random locations)" if locations else "", metrics["seconds"])
+        recorder.write(epoch + 1, metrics)
+        run.save(optimizer, epoch=epoch + 1, update=0, finished=epoch + 1 == stage_config.epochs,
+                 metric=evaluation["accuracy"][-1], scaler=scaler)
+        history.append(metrics)
+        if run.stop_requested():  # the signal came after the last batch: last.pt is exact
+            raise run.interrupted()
+    recorder.close()
+    return history
+
+
+def _epoch_batches(run: StageRun, batch_size: int, epoch: int):
+    """The epoch's training batches: the same ones, in the same order, at every call."""
+    return make_loader(run.train_set, batch_size, run.runtime, seed=run.seed,
+                       epoch=run.data_epoch(epoch), shuffle=True,
+                       num_workers=run.config.data.num_workers)
+
+
+
+def _bad_file_count(dataset) -> int:
+    """Unreadable files met so far (image folders; 0 for datasets that cannot have any)."""
+    return len(getattr(dataset, "bad_files", ()))

@@ -1,0 +1,63 @@
+"""The demo end to end at a reduced size (the full one takes ~15 minutes; see docs/training.md)."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from PIL import Image
+
+from glancefocus.checkpoint import load_checkpoint
+from glancefocus.cli import main
+from glancefocus.demo import check_claims
+
+SMALL = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "data.num_clutter=2",
+         "data.train_canvases=96", "data.test_canvases=64", "train.batch_size=32",
+         "model.classifier_hidden=32", "model.policy_hidden=32", "train.stage1.epochs=1",
+         "train.stage2.updates=2", "train.stage3.epochs=1"]
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "claims:" in printed and "total time" in printed
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("gfnet", "random_policy"):
+        curve = metrics[name]
+        assert len(curve["anytime_accuracy"]) == len(curve["anytime_macs"]) == 3
+        assert len(curve["hit_rate"]) == 2
+        assert all(0 <= a <= 100 for a in curve["anytime_accuracy"])
+    assert metrics["gfnet"]["anytime_macs"] == metrics["random_policy"]["anytime_macs"]
+    static = metrics["static_baseline"]
+    assert 0 <= static["accuracy"] <= 100 and static["macs"] > metrics["gfnet"]["anytime_macs"][0]
+    assert metrics["config"]["data"]["canvas_size"] == 48 and metrics["seconds"] > 0
+    assert set(metrics["claims"]) == {"first_focus_hit_rate", "policy_beats_random",
+                                      "static_accuracy_at_third_macs", "accuracy_never_falls"}
+
+    for figure in ("accuracy_vs_macs.png", "patches.png"):
+        with Image.open(tmp_path / figure) as image:
+            assert image.size[0] > 300
+    model = load_checkpoint(tmp_path / "model.pt")
+    assert model.class_names == [str(d) for d in range(10)]
+    assert model.metrics["static_baseline"]["macs"] == static["macs"]
+
+
+def _metrics(accuracy, hit, random_accuracy, random_hit, static_accuracy, static_macs=60e6):
+    macs = [6.2e6, 12.5e6, 18.9e6]
+    return {"gfnet": {"anytime_accuracy": accuracy, "anytime_macs": macs, "hit_rate": hit},
+            "random_policy": {"anytime_accuracy": random_accuracy, "anytime_macs": macs,
+                              "hit_rate": random_hit},
+            "static_baseline": {"accuracy": static_accuracy, "macs": static_macs}}
+
+
+def test_claims_hold_for_the_reference_numbers():
+    # REFERENCE §7's measured GFNet, random locations and static CNN
+    claims = check_claims(_metrics([91.7, 96.1, 96.9], [0.98, 0.97], [91.7, 92.7, 93.3],
+                                   [0.16, 0.16], 96.3, 61.9e6))
+    assert all(claim["holds"] for claim in claims.values()), claims
+
+
+def test_claims_fail_when_they_should():
+    claims = check_claims(_metrics([91.7, 92.0, 91.0], [0.5, 0.5], [91.7, 91.0, 92.0],
+                                   [0.3, 0.3], 97.0))
+    assert not any(claim["holds"] for claim in claims.values()), claims
