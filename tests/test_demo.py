@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch
 from PIL import Image
 
 from glancefocus.checkpoint import load_checkpoint
@@ -40,6 +41,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     model = load_checkpoint(tmp_path / "model.pt")
     assert model.class_names == [str(d) for d in range(10)]
     assert model.metrics["static_baseline"]["macs"] == static["macs"]
+    # the saved model carries calibrated exits: it answers at a MACs budget
+    assert len(metrics["budgeted"]["macs"]) == 39 and len(model.exit_curve["thresholds"]) == 39
+    images = torch.stack([load_item[0] for load_item in _test_items(metrics, 4)])
+    answers = model.predict(images, budget=max(metrics["budgeted"]["macs"]))
+    assert len(answers) == 4 and all(1 <= a.exit_step <= 3 for a in answers)
+
+
+def _test_items(metrics, count):
+    from glancefocus.config import DataConfig, from_dict
+    from glancefocus.data import build_datasets
+
+    data = from_dict(DataConfig, metrics["config"]["data"])
+    _, test_set, _ = build_datasets(data, 1)
+    return [test_set[i] for i in range(count)]
 
 
 def _metrics(accuracy, hit, random_accuracy, random_hit, static_accuracy, static_macs=60e6):

@@ -17,6 +17,7 @@ from .atomic import write_atomic, write_json
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import load_config, to_dict
 from .data import build_datasets
+from .evaluate import evaluate_model, exit_curve_from
 from .macs import count_static_macs
 from .presets import get_preset
 from .train import train
@@ -90,6 +91,14 @@ def run_demo(out_dir, overrides=(), progress: bool = True) -> dict:
         "random_policy": _curve(random, per_step_macs),
         "static_baseline": {"accuracy": static_accuracy, "macs": static_macs},
     }
+    # calibrate the exit thresholds (REFERENCE §3) so model.pt answers `predict --budget`
+    model.cpu()
+    evaluation = evaluate_model(model, config.data, calibrate_images=config.data.train_canvases,
+                                batch_size=batch, log=log.info)
+    model.exit_curve = exit_curve_from(evaluation)
+    budgeted = evaluation["budgeted"]
+    metrics["budgeted"] = {"budgets": budgeted["budgets"], "macs": budgeted["macs"],
+                           "accuracy": budgeted["accuracy"]}
     metrics["claims"] = check_claims(metrics)
     plot_accuracy_vs_macs(metrics, out / "accuracy_vs_macs.png")
     plot_patches(model, test_set, runtime, out / "patches.png")
@@ -166,6 +175,10 @@ def plot_accuracy_vs_macs(metrics: dict, path: Path) -> None:
                                ("random_policy", "GFNet, random locations", "s--")):
         curve = metrics[name]
         ax.plot([m / 1e6 for m in curve["anytime_macs"]], curve["anytime_accuracy"], style, label=label)
+    if "budgeted" in metrics:
+        curve = metrics["budgeted"]
+        ax.plot([m / 1e6 for m in curve["macs"]], curve["accuracy"], "-", alpha=0.7,
+                label="GFNet, early exit at 39 budgets")
     static = metrics["static_baseline"]
     ax.plot([static["macs"] / 1e6], [static["accuracy"]], "r*", markersize=14,
             label="static CNN, whole 100x100 canvas")
