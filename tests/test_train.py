@@ -216,7 +216,9 @@ def test_image_folder_training(tmp_path):
                 pixels = torch.randint(0, 255, (32, 40, 3), generator=generator, dtype=torch.uint8)
                 pixels[:, :, label] = 255  # a class the model could learn
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-    overrides = ["model.arch=demo_cnn", "model.num_classes=3", "model.in_chans=3",
+    bad = tmp_path / "images" / "train" / "circle" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: skipped, counted in the epoch metrics
+    overrides = ["data.max_bad_fraction=0.2", "model.arch=demo_cnn", "model.num_classes=3", "model.in_chans=3",
                  "model.patch_size=16", "model.max_steps=3", "model.classifier_hidden=16",
                  "model.policy_hidden=16", "model.policy_encoder=conv",
                  "data.dataset=folder", f"data.root={tmp_path / 'images'}", "data.image_size=32",
@@ -225,6 +227,8 @@ def test_image_folder_training(tmp_path):
                  f"train.out_dir={tmp_path / 'run'}"]
     history = train(load_config(None, overrides), progress=False)
     assert set(history) == {1, 2, 3}
+    assert history[1][0]["bad_files"] == 1
+    assert "bad_files" in (tmp_path / "run" / "stage1" / "metrics.csv").read_text().splitlines()[0]
     final = read_checkpoint(tmp_path / "run" / "stage3" / "last.pt")
     assert final["class_names"] == ["circle", "square", "stripe"]
 

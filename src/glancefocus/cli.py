@@ -101,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .interrupts import TrainingInterrupted
+
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM during training, checkpoint saved
+        print(f"glancefocus {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

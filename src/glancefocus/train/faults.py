@@ -16,8 +16,10 @@ from .runtime import Runtime
 log = logging.getLogger("glancefocus.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    """More non-finite losses than train.max_nonfinite: the run stopped without saving."""
+class NonFiniteLossError(ValueError):
+    """More non-finite losses than train.max_nonfinite: the run stopped without saving.
+
+    A ValueError so the command reports it in one line, like other problems a user can fix."""
 
 
 class NonFiniteGuard:

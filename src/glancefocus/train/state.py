@@ -4,6 +4,7 @@
     RUN/stageN/last.pt        the latest state of stage N (written at the end of every epoch, and
                               in stage 2 every few updates), what --resume continues from
     RUN/stageN/best.pt        the epoch with the best last-step evaluation accuracy
+    RUN/stageN/interrupted.pt stages 1/3 stopped mid-epoch by SIGINT/SIGTERM: the weights then
     RUN/stageN/metrics.csv    one row per epoch (stage 2: per update)
 
 Resuming checks that the configuration is the run's own: only the keys in MAY_DIFFER_ON_RESUME
