@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from glancefocus import create_model
 from glancefocus.cli import main
@@ -41,3 +43,27 @@ def test_macs_table_is_readable_without_json(capsys):
     assert main(["macs", "--arch", "demo", "--num-classes", "10", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "encoder" in out and "6,046,064" in out
+
+
+@settings(max_examples=15, deadline=None)
+@given(patch=st.integers(8, 72), steps=st.integers(1, 5), classes=st.integers(1, 50),
+       hidden=st.sampled_from([8, 16, 40]))
+def test_demo_encoder_macs_match_a_hand_count(patch, steps, classes, hidden):
+    """Property: for the demo CNN the hook count equals the closed-form conv + BN count, and the
+    per-step totals follow k * encoder + (k - 1) * policy + k * classifier."""
+    model = create_model("demo", num_classes=classes, patch_size=patch, max_steps=steps,
+                         classifier_hidden=hidden, policy_hidden=hidden)
+    size, channels, expected = patch, 1, 0
+    for width, stride in zip([16, 32, 64, 128, 128], [1, 2, 2, 2, 1]):
+        size = (size + 2 - 3) // stride + 1
+        expected += size * size * channels * width * 9 + width
+        channels = width
+    table = model.macs()
+    assert table["encoder"] == expected
+    gru = lambda inputs: 3 * hidden * inputs + 3 * hidden * hidden  # noqa: E731 (GRU weights)
+    assert table["classifier"] == gru(128) + hidden * classes
+    h, w = model.state_shape[1:]
+    # 1x1 conv 128 -> 32 on the h x w state, Linear(32hw -> hidden), GRU(hidden), actor Linear(hidden -> 2)
+    assert table["policy"] == 128 * 32 * h * w + 32 * h * w * hidden + gru(hidden) + 2 * hidden
+    assert table["per_step"] == [k * table["encoder"] + (k - 1) * table["policy"] + k * table["classifier"]
+                                 for k in range(1, steps + 1)]
