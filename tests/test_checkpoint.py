@@ -4,7 +4,6 @@ The importer is checked against `authors_probabilities`, a literal transcription
 authors' inference (REFERENCE §1: resize, per-sample crop loop, step order, GRU use) built
 from plain modules and the raw state dicts, not from glancefocus's classes."""
 import os
-import pickle
 import re
 
 import pytest
@@ -249,19 +248,10 @@ def test_wrong_truncated_and_missing_checkpoints(tmp_path):
         gf.load_checkpoint(junk)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_a_crafted_pickle_never_runs_without_opt_in(tmp_path, capsys):
+def test_a_crafted_pickle_never_runs_without_opt_in(tmp_path, capsys, write_crafted_pickle):
     marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.pth.tar"
-    with open(path, "wb") as handle:
-        pickle.dump({"model_prime_state_dict": _Exploit(marker)}, handle)
+    write_crafted_pickle(path, marker, key="model_prime_state_dict")
     with pytest.raises(CheckpointError, match="could run code"):
         gf.load_checkpoint(path)
     assert main(["convert", str(path), str(tmp_path / "out.pt")]) == 2

@@ -1,5 +1,4 @@
 """Tests of glancefocus.data: cluttered MNIST canvases and image folders."""
-import time
 
 import numpy as np
 import pytest

@@ -1,27 +1,10 @@
 """Every command that takes a checkpoint refuses a crafted pickle that would run code, with a
 one-line error and no traceback, unless the user opts in with --trust-pickle."""
-import os
-import pickle
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from glancefocus.cli import main
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def _evil_checkpoint(path, marker):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        pickle.dump({"format": "glancefocus-checkpoint", "state_dict": _Exploit(marker)}, handle)
 
 
 def _image(tmp_path):
@@ -42,10 +25,10 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_commands_refuse_a_crafted_pickle(command, tmp_path, capsys):
+def test_commands_refuse_a_crafted_pickle(command, tmp_path, capsys, write_crafted_pickle):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "run" / "stage1" / "last.pt"  # also where `train --resume` looks
-    _evil_checkpoint(ckpt, str(marker))
+    write_crafted_pickle(ckpt, marker, format="glancefocus-checkpoint")
     code = main(COMMANDS[command](ckpt, tmp_path))
     err = capsys.readouterr().err
     assert code == 2, err

@@ -108,11 +108,14 @@ def _load_trusted_pickle(file: Path) -> Any:
 def load_checkpoint(path, trust_pickle: bool = False, map_location="cpu"):
     """A ready GlanceFocusNet (in eval mode) from a native checkpoint or an authors' file."""
     data = read_checkpoint(path, trust_pickle=trust_pickle)
+    return model_from_checkpoint_dict(data, path).to(map_location).eval()
+
+
+def model_from_checkpoint_dict(data: dict, path="<checkpoint>"):
+    """The model of a raw dict from read_checkpoint: native, or an authors' release file."""
     if data.get("format") == FORMAT:
-        model = model_from_native(data, path)
-    else:
-        model = import_authors_checkpoint(data, source=str(path))
-    return model.to(map_location).eval()
+        return model_from_native(data, path)
+    return import_authors_checkpoint(data, source=str(path))
 
 
 def model_from_native(data: dict, path="<checkpoint>"):

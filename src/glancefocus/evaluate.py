@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import exits
 from .atomic import atomic_path, write_json
-from .checkpoint import FORMAT, checkpoint_dict, import_authors_checkpoint, model_from_native, read_checkpoint
+from .checkpoint import FORMAT, checkpoint_dict, model_from_checkpoint_dict, read_checkpoint
 from .config import DataConfig, TrainConfig, from_dict, to_dict
 from .data import ImageFolderDataset, collate_skip_bad
 from .data.cluttered_mnist import ClutteredMNIST
@@ -353,8 +353,7 @@ def _cmd_evaluate(args) -> int:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
     raw = read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     native = raw.get("format") == FORMAT
-    model = model_from_native(raw, args.checkpoint) if native else \
-        import_authors_checkpoint(raw, source=str(args.checkpoint))
+    model = model_from_checkpoint_dict(raw, args.checkpoint)
     run_config = dict(raw["config"]) if native else {"model": to_dict(model.config)}
     data = data_config_for(run_config, args.data)
     calibrate_images = args.calibrate_images
