@@ -1,7 +1,7 @@
 """Native checkpoints and the import of the authors' release files.
 
 The importer is checked against `authors_probabilities`, a literal transcription of the
-authors' inference (REFERENCE §1: resize, per-sample crop loop, step order, GRU use) built
+authors' inference (their inference.py: resize, per-sample crop loop, step order, GRU use) built
 from plain modules and the raw state dicts, not from glancefocus's classes."""
 import os
 import re
@@ -22,7 +22,7 @@ def _module_prefixed(state):
 
 
 def make_authors_file(path, preset, num_classes=10, patch_size=64, seed=0, key_style=None):
-    """Write a file in the release's layout (REFERENCE §5) from randomly initialised parts."""
+    """Write a file in the release's layout (GFNet-Pytorch's *.pth.tar) from randomly initialised parts."""
     torch.manual_seed(seed)
     model = gf.create_model(preset, num_classes=num_classes, patch_size=patch_size)
     # give BatchNorm statistics non-trivial values so a mix-up of the two encoders would show

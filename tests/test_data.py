@@ -7,9 +7,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from glancefocus.config import DataConfig
-from glancefocus.data import (BadFilesError, ClutteredMNIST, DatasetError, ImageFolderDataset,
-                              ImageReadError, ImageTooSmallError, build_datasets, build_transforms,
-                              collate_skip_bad, load_image, load_mnist_digits, make_canvases)
+from glancefocus.data import (
+    BadFilesError,
+    ClutteredMNIST,
+    DatasetError,
+    ImageFolderDataset,
+    ImageReadError,
+    ImageTooSmallError,
+    build_datasets,
+    build_transforms,
+    collate_skip_bad,
+    load_image,
+    load_mnist_digits,
+    make_canvases,
+)
 
 
 def _gen(seed=0):

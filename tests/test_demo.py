@@ -66,7 +66,7 @@ def _metrics(accuracy, hit, random_accuracy, random_hit, static_accuracy, static
 
 
 def test_claims_hold_for_the_reference_numbers():
-    # REFERENCE §7's measured GFNet, random locations and static CNN
+    # the demo's measured GFNet, random locations and static CNN
     claims = check_claims(_metrics([91.7, 96.1, 96.9], [0.98, 0.97], [91.7, 92.7, 93.3],
                                    [0.16, 0.16], 96.3, 61.9e6))
     assert all(claim["holds"] for claim in claims.values()), claims

@@ -1,10 +1,14 @@
-"""`glancefocus evaluate` end to end on tiny models and tiny data (REFERENCE §3)."""
+"""`glancefocus evaluate` end to end on tiny models and tiny data."""
+import contextlib
+import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_checkpoint import make_authors_file
 
 from glancefocus import create_model, exits, load_checkpoint, save_checkpoint
 from glancefocus.checkpoint import read_checkpoint
@@ -12,7 +16,6 @@ from glancefocus.cli import main
 from glancefocus.config import DataConfig, from_dict, to_dict
 from glancefocus.data.cluttered_mnist import ClutteredMNIST
 from glancefocus.predictor import Predictor
-from test_checkpoint import make_authors_file
 
 TINY_MNIST = dict(dataset="cluttered-mnist", image_size=48, canvas_size=48, num_clutter=2,
                   mean=[0.5], std=[0.5], train_canvases=300, test_canvases=120)
@@ -34,18 +37,22 @@ def tiny_demo_checkpoint(path):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A tiny demo checkpoint, evaluated once with calibration on training canvases."""
+    """A tiny demo checkpoint, evaluated once with calibration on training canvases. Returns
+    (the checkpoint given, its bytes before, OUT, evaluation.json, what was printed)."""
     folder = tmp_path_factory.mktemp("evaluate")
     ckpt = folder / "model.pt"
     tiny_demo_checkpoint(ckpt)
+    before = ckpt.read_bytes()
     out = folder / "out"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--batch-size", "50",
-                 "--static-baseline-macs", "6.2e7", "--static-baseline-accuracy", "20"]) == 0
-    return ckpt, out, json.loads((out / "evaluation.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--batch-size", "50",
+                     "--budget", "1e7", "--device", "auto",
+                     "--static-baseline-macs", "6.2e7", "--static-baseline-accuracy", "20"]) == 0
+    return ckpt, before, out, json.loads((out / "evaluation.json").read_text()), printed.getvalue()
 
 
 def test_json_holds_anytime_and_budgeted_results(evaluated):
-    ckpt, out, results = evaluated
+    ckpt, _, out, results, _ = evaluated
     model = load_checkpoint(ckpt)
     steps = model.max_steps
     assert results["macs_per_step"] == model.macs()["per_step"]
@@ -64,7 +71,7 @@ def test_json_holds_anytime_and_budgeted_results(evaluated):
 
 def test_numbers_match_a_direct_computation(evaluated):
     """Anytime accuracy and every budget's accuracy and MACs, recomputed from all-steps logits."""
-    ckpt, _, results = evaluated
+    ckpt, _, _, results, _ = evaluated
     model = load_checkpoint(ckpt)
     val = ClutteredMNIST(from_dict(DataConfig, dict(to_dict(DataConfig()), **TINY_MNIST)), "test")
     images = torch.stack([val[i][0] for i in range(len(val))])
@@ -82,8 +89,73 @@ def test_numbers_match_a_direct_computation(evaluated):
         assert results["budgeted"]["macs"][i] == pytest.approx(sim["macs"])
 
 
-def test_curve_is_stored_and_everything_else_kept(evaluated):
-    ckpt, _, results = evaluated
+def test_the_checkpoint_given_is_left_alone_and_the_copy_holds_the_curve(evaluated, capsys):
+    ckpt, before, out, results, printed = evaluated
+    assert ckpt.read_bytes() == before
+    assert results["stored_in"] == str(out / "model.pt")
+    assert f"stored in {out / 'model.pt'}" in printed
+    copy = load_checkpoint(out / "model.pt")
+    for key in ("budgets", "thresholds", "macs", "accuracy"):
+        assert copy.exit_curve[key] == results["budgeted"][key]
+    assert copy.metrics["anytime_top1"] == results["anytime"]["top1"]
+    raw = read_checkpoint(out / "model.pt")
+    assert raw["config"]["data"]["canvas_size"] == 48 and raw["training"] is None
+    original = load_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(),
+                                                  original.state_dict().values()))
+    # the copy serves a budget
+    budget = results["budgeted"]["macs"][5]
+    predictor = Predictor(copy, budget=budget)
+    assert predictor.thresholds.tolist() == exits.thresholds_for_budget(copy.exit_curve, budget).tolist()
+
+    # OUT/model.pt must not be the checkpoint itself, unless --in-place says so
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--out", str(out)]) == 2
+    assert "--in-place" in capsys.readouterr().err
+
+
+def test_budget_prints_the_accuracy_predict_would_get(evaluated, tmp_path, capsys):
+    _, _, out, results, printed = evaluated
+    budgeted = results["budgeted"]
+    index = exits.budget_index(budgeted, 1e7)
+    assert results["at_budget"] == {"budget_macs": 1e7, "q": budgeted["budgets"][index],
+                                    "macs": budgeted["macs"][index],
+                                    "accuracy": budgeted["accuracy"][index],
+                                    "thresholds": budgeted["thresholds"][index]}
+    assert (f"at a budget of 10,000,000 MACs per image: top-1 {budgeted['accuracy'][index]:.2f} % "
+            f"at {budgeted['macs'][index]:,.0f} MACs per image") in printed
+    # the summary table gives the MACs per image beside q
+    assert "budget q  MACs / image" in printed
+    assert f"{budgeted['budgets'][0]:>8.2f}  {budgeted['macs'][0]:>16,.0f}" in printed
+    # predict --budget picks the same thresholds
+    model = load_checkpoint(out / "model.pt")
+    assert Predictor(model, budget=1e7).thresholds.tolist() == budgeted["thresholds"][index]
+
+    # below the curve: an error naming its range, after the results are written
+    low = tmp_path / "low"
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--calibrate", "stored",
+                 "--budget", "1000", "--out", str(low)]) == 2
+    err = capsys.readouterr().err
+    assert f"spans {min(budgeted['macs']):.6g} to {max(budgeted['macs']):.6g} MACs per image" in err
+    assert (low / "evaluation.json").exists() and (low / "model.pt").exists()
+    # above the curve: a one-line warning naming the range, the curve's end used
+    high = tmp_path / "high"
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--calibrate", "stored",
+                 "--budget", "1e12", "--out", str(high)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the budget of 1e+12 MACs per image is above the calibrated curve" in captured.err
+    top = json.loads((high / "evaluation.json").read_text())["at_budget"]
+    assert top["macs"] == max(budgeted["macs"])
+
+
+def test_in_place_rewrites_the_checkpoint_and_keeps_everything_else(evaluated, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(evaluated[0], ckpt)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--in-place",
+                 "--calibrate-images", "50"]) == 0
+    results = json.loads((out / "evaluation.json").read_text())
+    assert results["stored_in"] == str(ckpt) and not (out / "model.pt").exists()
     raw = read_checkpoint(ckpt)
     assert raw["training"]["stage"] == 3 and torch.equal(raw["training"]["optimizer"]["lr"], torch.tensor(0.1))
     assert raw["config"]["train"] == {"calibrate_images": 200, "seed": 3}
@@ -92,21 +164,14 @@ def test_curve_is_stored_and_everything_else_kept(evaluated):
     for key in ("budgets", "thresholds", "macs", "accuracy"):
         assert model.exit_curve[key] == results["budgeted"][key]
     assert model.metrics["anytime_top1"] == results["anytime"]["top1"]
-    # the stored curve survives another save/load and serves a budget
-    again = ckpt.parent / "again.pt"
-    save_checkpoint(model, again, run_config=raw["config"])
-    reloaded = load_checkpoint(again)
-    assert reloaded.exit_curve["thresholds"] == results["budgeted"]["thresholds"]
-    budget = results["budgeted"]["macs"][5]
-    predictor = Predictor(reloaded, budget=budget)
-    assert predictor.thresholds.tolist() == exits.thresholds_for_budget(reloaded.exit_curve, budget).tolist()
 
 
 def test_calibrate_stored_reuses_the_curve_and_train_is_deterministic(evaluated, tmp_path):
-    ckpt, _, first = evaluated
-    out = tmp_path / "stored"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--calibrate", "stored", "--out", str(out)]) == 0
-    stored = json.loads((out / "evaluation.json").read_text())
+    ckpt, _, out, first, _ = evaluated
+    stored_out = tmp_path / "stored"
+    assert main(["evaluate", "--checkpoint", str(out / "model.pt"), "--calibrate", "stored",
+                 "--out", str(stored_out)]) == 0
+    stored = json.loads((stored_out / "evaluation.json").read_text())
     assert stored["calibration"]["mode"] == "stored"
     for key in ("thresholds", "macs", "accuracy"):
         assert stored["budgeted"][key] == first["budgeted"][key]
@@ -117,7 +182,7 @@ def test_calibrate_stored_reuses_the_curve_and_train_is_deterministic(evaluated,
 
 
 def test_calibrate_images_option_and_argument_errors(evaluated, tmp_path, capsys):
-    ckpt, _, _ = evaluated
+    ckpt = evaluated[0]
     out = tmp_path / "fifty"
     assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--calibrate-images", "50"]) == 0
     assert json.loads((out / "evaluation.json").read_text())["calibration"]["images"] == 50
@@ -127,6 +192,8 @@ def test_calibrate_images_option_and_argument_errors(evaluated, tmp_path, capsys
     assert "--static-baseline-accuracy" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--budget", "-5"]) == 2
+    assert "--budget must be > 0" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +231,7 @@ def test_authors_thresholds_survive_import_and_evaluate_stored(tmp_path, capsys)
     results = json.loads((out / "evaluation.json").read_text())
     assert results["data"]["val_images"] == 9
     assert results["budgeted"]["thresholds"] == model.exit_curve["thresholds"]
-    stored = load_checkpoint(native)
+    stored = load_checkpoint(out / "model.pt")
     assert stored.exit_curve["thresholds"] == model.exit_curve["thresholds"]
     assert stored.exit_curve["macs"] == results["budgeted"]["macs"]   # measured on this val set
     assert stored.class_names == ["cat", "dog", "fox"]
@@ -177,6 +244,10 @@ def test_authors_thresholds_survive_import_and_evaluate_stored(tmp_path, capsys)
                  "--data", str(root), "--out", str(out2)]) == 0
     assert src.read_bytes() == before
     assert load_checkpoint(out2 / "model.pt").exit_curve["thresholds"] == model.exit_curve["thresholds"]
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(src), "--trust-pickle", "--calibrate", "stored",
+                 "--data", str(root), "--out", str(out2), "--in-place"]) == 2
+    assert "never rewritten" in capsys.readouterr().err and src.read_bytes() == before
 
 
 def test_calibration_on_an_image_folder_with_augmentation(tmp_path):
@@ -189,4 +260,20 @@ def test_calibration_on_an_image_folder_with_augmentation(tmp_path):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(out)]) == 0
     results = json.loads((out / "evaluation.json").read_text())
     assert results["calibration"]["images"] == 9
-    assert load_checkpoint(tmp_path / "m.pt").class_names == ["cat", "dog", "fox"]
+    assert load_checkpoint(out / "model.pt").class_names == ["cat", "dog", "fox"]
+
+
+def test_evaluate_and_predict_preprocess_with_the_same_function(tmp_path):
+    """The validation images are transformed by create_transform, as predict's files are."""
+    from glancefocus import create_transform
+    from glancefocus.evaluate import data_config_for, validation_dataset
+
+    root = make_image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    save_checkpoint(create_model("demo", in_chans=3, num_classes=3), tmp_path / "m.pt",
+                    run_config={"data": {"dataset": "folder", "root": str(root), "image_size": 48,
+                                         "resize_size": 56}})
+    model = load_checkpoint(tmp_path / "m.pt")
+    val = validation_dataset(data_config_for(model.run_config), 3)
+    path, _ = val.samples[4]
+    assert torch.equal(val[4][0], create_transform(model)(path))

@@ -1,4 +1,5 @@
-"""Tests of the early-exit simulation and the authors' threshold calibration (REFERENCE.md section 3)."""
+"""Tests of the early-exit simulation and the authors' threshold calibration (their budgeted
+batch classification protocol)."""
 import math
 
 import pytest
@@ -7,7 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glancefocus.exits import (
+    BudgetAboveCurveWarning,
+    BudgetOutOfRangeError,
     anytime_accuracy,
+    budget_index,
     budget_ratios,
     budgeted_curve,
     calibrate_budgets,
@@ -26,12 +30,15 @@ BIG = 1e8
 
 
 def reference_calibration(conf_rows, shares):
-    """Literal transcription of the walk in REFERENCE.md section 3, one sample at a time."""
+    """Literal transcription of the authors' calibration walk, one sample at a time.
+
+    shares: a float32 tensor, and n_k = floor(N * share_k) is a float32 product, as in their code
+    (in float64, N = 31, q = 0.55 gives 19.99... where float32 gives 20)."""
     steps, n = len(conf_rows), len(conf_rows[0])
     thresholds = [BIG] * steps
     marked = [False] * n
     for k in range(steps - 1):
-        n_k = math.floor(n * shares[k])
+        n_k = math.floor(float(n * shares[k]))
         order = sorted(range(n), key=lambda i: conf_rows[k][i], reverse=True)
         count = 0
         for i in order:
@@ -59,7 +66,8 @@ def reference_exit_steps(conf_rows, thresholds):
 
 
 def n_exits(n, shares):
-    return [math.floor(n * float(s)) for s in shares[:-1]]
+    """floor(N * share_k) for k < T, in the shares' own (float32) precision, as the authors."""
+    return [math.floor(float(n * s)) for s in shares[:-1]]
 
 
 def exit_counts(conf, thresholds):
@@ -212,7 +220,7 @@ def test_float32_confidence_equals_its_threshold():
 @given(conf=st.one_of(conf_matrices("ties"), conf_matrices("any"), conf_matrices("distinct")), q=budgets)
 def test_calibration_matches_reference(conf, q):
     shares = target_shares(q, conf.shape[0])
-    expected = reference_calibration(conf.double().tolist(), shares.tolist())
+    expected = reference_calibration(conf.double().tolist(), shares)
     got = calibrate_thresholds(conf, shares)
     assert got.tolist() == expected
     assert exit_steps(conf, got).tolist() == reference_exit_steps(conf.double().tolist(), expected)
@@ -402,3 +410,16 @@ def test_budgeted_curve_and_budget_lookup():
     assert sim["macs"] == best
     with pytest.raises(ValueError, match="smallest available"):
         thresholds_for_budget(curve, min(curve["macs"]) - 1)
+
+
+def test_budget_outside_the_curve_names_its_range():
+    curve = {"macs": [2e6, 1e6, 3e6], "accuracy": [50.0, 40.0, 60.0],
+             "thresholds": [[0.5, -1e8], [0.1, -1e8], [0.9, -1e8]]}
+    assert budget_index(curve, 2.5e6) == 0
+    assert budget_index(curve, 3e6) == 2                    # the end itself: no warning
+    with pytest.raises(BudgetOutOfRangeError, match="spans 1e\\+06 to 3e\\+06 MACs per image"):
+        budget_index(curve, 0.5e6)
+    with pytest.raises(BudgetOutOfRangeError, match="> 0"):
+        budget_index(curve, 0)
+    with pytest.warns(BudgetAboveCurveWarning, match="above the calibrated curve \\(1e\\+06 to 3e\\+06"):
+        assert budget_index(curve, 5e6) == 2

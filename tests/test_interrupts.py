@@ -15,16 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from test_train import TINY, assert_same_weights, tiny_config, weights
 
 from glancefocus.atomic import atomic_path
 from glancefocus.checkpoint import read_checkpoint
 from glancefocus.interrupts import TrainingInterrupted
-from glancefocus.train import train
-from glancefocus.train import policy_stage
+from glancefocus.train import policy_stage, train
 from glancefocus.train.context import StageRun
 from glancefocus.train.faults import NonFiniteLossError
-
-from test_train import TINY, assert_same_weights, tiny_config, weights
 
 # stage 2 has 6 batches per epoch: 14 updates cross two epoch ends, saved every 4 updates
 SETTINGS = TINY + ["data.train_canvases=192", "train.stage1.epochs=3", "train.stage2.updates=14",

@@ -1,4 +1,6 @@
 """Real early exit (predictor.py) against the simulation of exits.py."""
+import re
+
 import pytest
 import torch
 
@@ -102,7 +104,8 @@ def test_explicit_thresholds_and_model_predict(setup):
     assert [p.exit_step for p in full] == [3] * 5
     assert [p.label for p in full] == pred[-1, :5].tolist()
     assert [len(p.boxes) for p in full] == [3] * 5
-    assert set(full[0].to_dict()) == {"label", "class_name", "confidence", "exit_step", "macs", "boxes"}
+    assert set(full[0].to_dict()) == {"label", "class_name", "confidence", "exit_step", "macs", "boxes",
+                                      "top_k"}
 
 
 def test_budget_uses_the_calibrated_curve(setup):
@@ -116,10 +119,46 @@ def test_budget_uses_the_calibrated_curve(setup):
         assert torch.equal(predictor.thresholds, exits.thresholds_for_budget(model.exit_curve, budget))
         spent = predictor.run(images).macs.double().mean()
         assert spent <= budget
-        with pytest.raises(ValueError, match="no budget fits"):
+        with pytest.raises(exits.BudgetOutOfRangeError, match="no budget fits .* spans"):
             Predictor(model, budget=step_macs[0] * 0.5)
     finally:
         model.exit_curve = None
+
+
+def test_budget_above_the_curve_warns_and_uses_its_end(setup):
+    """model.predict(budget=...) behaves as `predict --budget`: above the calibrated curve it says
+    so, naming the curve's range, and uses the most expensive calibrated budget."""
+    model, calib_conf, images, conf, pred, _ = setup
+    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    model.exit_curve = exits.budgeted_curve(calib_conf, conf, pred, labels, model.macs()["per_step"])
+    try:
+        most = max(model.exit_curve["macs"])
+        with pytest.warns(exits.BudgetAboveCurveWarning, match=re.escape(f"to {most:.6g} MACs per image")):
+            answers = model.predict(images[:4], budget=most * 10)
+        end = exits.budget_index(model.exit_curve, most)
+        expected = Predictor(model, thresholds=model.exit_curve["thresholds"][end]).predict(images[:4])
+        assert [a.exit_step for a in answers] == [e.exit_step for e in expected]
+        with pytest.raises(exits.BudgetOutOfRangeError, match="spans"):
+            model.predict(images[:4], budget=min(model.exit_curve["macs"]) / 2)
+    finally:
+        model.exit_curve = None
+
+
+def test_top_k_lists_the_most_probable_classes_at_the_exit_step(setup):
+    model, _, images, *_ = setup
+    with torch.inference_mode():
+        logits = model(images[:6]).logits
+    answers = Predictor(model, thresholds=[0.0, 0.0, -1e8], top_k=3).predict(images[:6])
+    probs = torch.softmax(logits[0].float(), dim=-1)  # everyone exits at the glance
+    for i, answer in enumerate(answers):
+        assert [c["label"] for c in answer.top_k] == probs[i].topk(3).indices.tolist()
+        assert [c["probability"] for c in answer.top_k] == pytest.approx(probs[i].topk(3).values.tolist())
+        assert answer.top_k[0]["label"] == answer.label
+        assert answer.top_k[0]["probability"] == pytest.approx(answer.confidence)
+        assert answer.top_k[1]["class_name"] == f"class{answer.top_k[1]['label']}"
+    with pytest.raises(ValueError, match="top_k"):
+        Predictor(model, top_k=0)
+    assert Predictor(model, top_k=50).top_k == 10   # at most the number of classes
 
 
 def test_budget_without_a_curve_says_to_run_evaluate(setup):
@@ -135,6 +174,20 @@ def test_bad_arguments(setup):
         Predictor(model, thresholds=[0.5, 0.5, -1e8], budget=1e9)
     with pytest.raises(ValueError, match="need 3 thresholds"):
         Predictor(model, thresholds=[0.5, -1e8])
+
+
+def test_device_auto_and_unusable_devices(monkeypatch):
+    from glancefocus.predictor import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu-please")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
 
 
 def test_training_mode_is_restored():

@@ -83,7 +83,7 @@ def test_ppo_changes_only_the_policy(stage1_run, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in policy_keys)
     rows = (tmp_path / "stage2" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    for column in ("reward_1", "reward_2", "approx_kl", "clip_fraction", "explained_variance",
+    for column in ("reward_focus_1", "reward_focus_2", "approx_kl", "clip_fraction", "explained_variance",
                    "entropy", "value_loss", "policy_loss", "accuracy_3"):
         assert column in header
     assert len(rows) == 1 + 4  # one row per update

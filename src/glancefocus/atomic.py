@@ -5,6 +5,7 @@ A reader (or a run killed at any moment) sees the old file or the new one, never
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -12,13 +13,35 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+class WriteFailed(OSError):
+    """A file could not be written (full disk, read-only file system, no permission); the
+    message names the file. The file it was to replace, if any, is left as it was."""
+
+
+def write_failure(path, exc: BaseException) -> WriteFailed:
+    """A WriteFailed for `path` that says why in words a user can act on."""
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+    reason = reasons.get(getattr(exc, "errno", None)) or getattr(exc, "strerror", None) or str(exc)
+    failure = WriteFailed(f"cannot write '{path}': {reason}")
+    failure.errno = getattr(exc, "errno", None)
+    return failure
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path` atomically."""
+    """Yield a temporary path to write; on success it replaces `path` atomically. Any OSError
+    on the way becomes a WriteFailed naming `path`; the old file stays whole."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except WriteFailed:
+        raise
+    except OSError as exc:
+        raise write_failure(target, exc) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -30,9 +53,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
+    except WriteFailed:
+        raise
+    except OSError as exc:
+        raise write_failure(target, exc) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

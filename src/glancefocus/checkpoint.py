@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import WriteFailed, atomic_path
 from .config import ModelConfig, from_dict, to_dict
 
 FORMAT = "glancefocus-checkpoint"
@@ -45,6 +46,7 @@ def checkpoint_dict(model, run_config: Optional[dict] = None, training: Optional
         "class_names": list(model.class_names) if model.class_names else None,
         "exit_curve": model.exit_curve,
         "metrics": dict(model.metrics),
+        "pretrained_glance_head": bool(model.pretrained_glance_head),
         "training": training,
     }
 
@@ -54,7 +56,12 @@ def save_checkpoint(model, path, run_config: Optional[dict] = None,
     """Write `model` (and optionally a run config and training state) to `path`, atomically."""
     payload = checkpoint_dict(model, run_config, training)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            free = shutil.disk_usage(tmp.parent).free
+            raise WriteFailed(f"cannot write '{path}': writing failed with {free:,} bytes "
+                              "free on its disk (is it full?)") from exc
 
 
 def read_checkpoint(path, trust_pickle: bool = False) -> dict:
@@ -131,6 +138,7 @@ def model_from_native(data: dict, path="<checkpoint>"):
     model.exit_curve = data.get("exit_curve")
     model.metrics = dict(data.get("metrics") or {})
     model.run_config = data.get("config")
+    model.pretrained_glance_head = bool(data.get("pretrained_glance_head", False))
     return model
 
 
@@ -222,7 +230,7 @@ def _authors_backbone_state(state: dict, backbone, arch: str, which: str) -> dic
 
 
 def import_authors_checkpoint(raw: dict, source: str = "<authors' checkpoint>"):
-    """A GlanceFocusNet from the authors' release dict (REFERENCE §5)."""
+    """A GlanceFocusNet from the authors' release dict (their GFNet-Pytorch repository's *.pth.tar)."""
     from .model import create_model
     from .presets import AUTHORS_ARCH_TO_PRESET
 
@@ -235,8 +243,11 @@ def import_authors_checkpoint(raw: dict, source: str = "<authors' checkpoint>"):
     if head_weight is None:
         raise CheckpointError(f"'{source}': the classifier ('fc') has neither fc.* nor fc_2.* weights")
     max_steps = len(raw["flops"])
+    # their inference.py predicts the glance of a RegNet with the encoder's own head (their
+    # training used the GRU classifier, as our RegNet presets do)
+    extra = {"glance_head": "encoder"} if arch.startswith("regnet") else {}
     model = create_model(AUTHORS_ARCH_TO_PRESET[arch], num_classes=int(head_weight.shape[0]),
-                         patch_size=int(raw["patch_size"]), max_steps=max_steps)
+                         patch_size=int(raw["patch_size"]), max_steps=max_steps, **extra)
     state = {}
     for prefix, key in (("glance_encoder", "model_prime_state_dict"), ("focus_encoder", "model_state_dict")):
         backbone = getattr(model, prefix).backbone
@@ -249,6 +260,7 @@ def import_authors_checkpoint(raw: dict, source: str = "<authors' checkpoint>"):
     load_state_checked(model, state, source)
     model.metrics = _authors_metrics(raw)
     model.exit_curve = _authors_exit_curve(raw, max_steps)
+    model.pretrained_glance_head = True  # their glance encoders keep their ImageNet heads
     return model
 
 

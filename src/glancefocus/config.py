@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "resnet50"
     """timm model name (any CNN) or 'demo_cnn', the small encoder of the built-in demo."""
-    num_classes: int = 1000
+    num_classes: Optional[int] = None
+    """Classes to predict; unset, training reads it from the data (the number of class folders)."""
     patch_size: int = 96
     """P: the side of the glance and of every focus patch, in pixels."""
     max_steps: int = 5
@@ -43,7 +44,14 @@ class ModelConfig:
     glance_antialias: bool = False
     """Antialias the glance resize (better for new training; the authors' checkpoints used none)."""
     pretrained: Union[bool, str] = False
-    """True: timm's ImageNet weights; a path: a local weights file; False: random init."""
+    """True: timm's ImageNet weights; a path: a local weights file; False: random init. The
+    authors' presets default to true: their recipe fine-tunes ImageNet-pretrained encoders."""
+    pretrained_tag: Optional[str] = None
+    """Which of timm's weights for `arch` pretrained=true takes (e.g. 'tv_in1k', torchvision's);
+    None: timm's default."""
+    pretrained_glance: Optional[str] = None
+    """A separate local weights file for the glance encoder (the authors' stage 1 takes one file
+    per encoder); None: the glance encoder starts from `pretrained` too."""
     encoder_kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for timm.create_model."""
 
@@ -64,7 +72,9 @@ class DataConfig:
     """Images smaller than image_size: 'resize' them up, or 'error'."""
     max_bad_fraction: float = 0.01
     """Share of unreadable image files above which a run stops with an error."""
-    num_workers: int = 0
+    num_workers: int = -1
+    """DataLoader worker processes; -1 (auto): on a GPU min(8, CPU cores // processes on the
+    machine), on a CPU 0 (the training step already keeps every core busy)."""
     # cluttered MNIST
     canvas_size: int = 100
     num_clutter: int = 8

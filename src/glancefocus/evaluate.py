@@ -1,5 +1,5 @@
-"""`glancefocus evaluate`: anytime accuracy, budgeted batch classification, and the exit curve
-stored into the checkpoint (REFERENCE §3).
+"""`glancefocus evaluate`: anytime accuracy, budgeted batch classification, and the calibrated
+exit curve that `predict --budget` needs (the authors' protocol, exactly).
 
 1. Every step is run for every validation image (eval mode, the policy's mean): Top-1 and Top-5
    after each step.
@@ -7,13 +7,15 @@ stored into the checkpoint (REFERENCE §3).
    augmentation (a fixed-seed subset of train.calibrate_images images), or taken from the
    checkpoint (`--calibrate stored`, e.g. an imported authors' file), then applied to the
    validation set: accuracy and expected MACs per budget.
-3. The curve and the anytime metrics go into the checkpoint, rewritten atomically with
-   everything else in it kept, so the model can then be used at a MACs budget
-   (`glancefocus predict --budget`, predictor.Predictor).
+3. The curve and the anytime metrics go into a checkpoint: by default a copy, OUT/model.pt,
+   so the file given is left as it was; with `--in-place` the given native checkpoint is
+   rewritten atomically with everything else in it kept. The model can then be used at a MACs
+   budget (`glancefocus predict --budget`, `model.predict(images, budget=...)`).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,10 +25,19 @@ from torch.utils.data import DataLoader, Subset
 
 from . import exits
 from .atomic import atomic_path, write_json
-from .checkpoint import FORMAT, checkpoint_dict, model_from_checkpoint_dict, read_checkpoint
+from .checkpoint import (
+    FORMAT,
+    checkpoint_dict,
+    model_from_checkpoint_dict,
+    read_checkpoint,
+)
+from .cli import HelpFormatter
 from .config import DataConfig, TrainConfig, from_dict, to_dict
 from .data import ImageFolderDataset, collate_skip_bad
 from .data.cluttered_mnist import ClutteredMNIST
+from .predictor import resolve_device
+from .train.loaders import resolve_num_workers
+from .transforms import create_transform, preset_data_section
 
 CALIBRATION_SEED = 0
 """Which training images calibrate the thresholds, and their augmentation: fixed, so that
@@ -35,16 +46,6 @@ evaluating the same checkpoint twice gives the same curve."""
 
 # ----------------------------------------------------------------------------------------------
 # what the checkpoint says about its data
-
-def preset_data_section(arch: str) -> dict:
-    """The data section of the preset whose model is `arch` (empty if none matches)."""
-    from .presets import PRESETS
-
-    for preset in PRESETS.values():
-        if preset["model"]["arch"] == arch:
-            return dict(preset.get("data", {}))
-    return {}
-
 
 def data_config_for(run_config: dict, root: Optional[str] = None) -> DataConfig:
     """The checkpoint's data config (or, without one, its preset's), root overridden by `root`.
@@ -71,7 +72,10 @@ def data_config_for(run_config: dict, root: Optional[str] = None) -> DataConfig:
 def validation_dataset(config: DataConfig, channels: int):
     if config.dataset == "cluttered-mnist":
         return ClutteredMNIST(config, "test", channels=channels)
-    return ImageFolderDataset(config.root, "val", config, train=False, channels=channels)
+    dataset = ImageFolderDataset(config.root, "val", config, train=False, channels=channels)
+    # the very preprocessing `predict` and `glancefocus.create_transform` apply to a file
+    dataset.transform = create_transform(config, channels)
+    return dataset
 
 
 def training_dataset(config: DataConfig, channels: int, classes: list):
@@ -117,8 +121,8 @@ class StepOutputs:
 def collect_step_outputs(model, dataset, batch_size: int, num_workers: int = 0,
                          device="cpu") -> StepOutputs:
     """Run every step for every image of `dataset` (eval mode, the policy's mean)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip_bad)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=resolve_num_workers(num_workers, device), collate_fn=collate_skip_bad)
     steps = model.config.max_steps
     conf, pred, labels = [], [], []
     top1, top5 = [0] * steps, [0] * steps
@@ -264,16 +268,23 @@ def _data_summary(results: dict) -> dict:
     return {k: v for k, v in results["data"].items() if k != "classes"}
 
 
-def store_in_checkpoint(path, raw: dict, results: dict) -> None:
-    """Rewrite the native checkpoint `path` (raw dict from read_checkpoint) with the exit curve
-    and metrics, keeping everything else (run config, training state) as it was."""
+def with_exit_curve(raw: dict, results: dict, keep_training: bool = True) -> dict:
+    """The native checkpoint dict `raw` (from read_checkpoint) with the exit curve and metrics
+    added, everything else (run config, weights, training state unless dropped) as it was."""
     raw = dict(raw)
     raw["exit_curve"] = exit_curve_from(results)
     raw["metrics"] = {**dict(raw.get("metrics") or {}), **metrics_from(results)}
     if not raw.get("class_names"):  # e.g. a converted authors' file: name the classes now
         raw["class_names"] = list(results["data"]["classes"])
+    if not keep_training:
+        raw["training"] = None
+    return raw
+
+
+def store_in_checkpoint(path, raw: dict, results: dict, keep_training: bool = True) -> None:
+    """Write `raw` with the exit curve and metrics to `path`, atomically."""
     with atomic_path(path) as tmp:
-        torch.save(raw, tmp)
+        torch.save(with_exit_curve(raw, results, keep_training), tmp)
 
 
 def store_in_native_copy(path, model, results: dict) -> None:
@@ -283,6 +294,16 @@ def store_in_native_copy(path, model, results: dict) -> None:
     model.class_names = model.class_names or list(results["data"]["classes"])
     with atomic_path(path) as tmp:
         torch.save(checkpoint_dict(model), tmp)
+
+
+def at_budget(results: dict, macs_budget: float) -> dict:
+    """Accuracy and expected MACs on the validation set at a MACs budget: the calibrated budget
+    `predict --budget` would use (exits.budget_index: an error below the curve, a warning above)."""
+    budgeted = results["budgeted"]
+    index = exits.budget_index(budgeted, macs_budget)
+    return {"budget_macs": macs_budget, "q": budgeted["budgets"][index],
+            "macs": budgeted["macs"][index], "accuracy": budgeted["accuracy"][index],
+            "thresholds": budgeted["thresholds"][index]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,35 +345,74 @@ def plot_accuracy_vs_macs(results: dict, path, baseline: Optional[dict] = None) 
 # the command
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="anytime accuracy and accuracy at 39 compute budgets; "
-                              "stores the calibrated exit thresholds in the checkpoint")
+    p = subparsers.add_parser(
+        "evaluate", help="accuracy per step and at 39 compute budgets; calibrates the early exits",
+        description="Accuracy after each step (step 1 = the glance) and at 39 compute budgets, "
+                    "with exit thresholds calibrated on training images. Writes OUT/evaluation.json, "
+                    "OUT/accuracy_vs_macs.png and OUT/model.pt, a copy of the checkpoint with the "
+                    "calibrated exits (the checkpoint given is left as it was unless --in-place).",
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a glancefocus checkpoint (or an authors' file "
                    "with --trust-pickle)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for evaluation.json, accuracy_vs_macs.png and model.pt")
+    p.add_argument("--budget", type=float, default=None, metavar="MACS",
+                   help="also print the accuracy at this many multiply-adds per image, e.g. 10e6, "
+                        "with the calibrated thresholds predict --budget would use (default: none)")
+    p.add_argument("--in-place", action="store_true",
+                   help="store the calibrated exits in the checkpoint given, rewriting it, instead "
+                        "of in the copy DIR/model.pt (native checkpoints only)")
     p.add_argument("--data", default=None, metavar="ROOT",
-                   help="image folder root (ROOT/train, ROOT/val); overrides the checkpoint's data.root")
+                   help="image folder root (ROOT/train, ROOT/val); overrides the checkpoint's "
+                        "data.root (default: the checkpoint's)")
     p.add_argument("--calibrate", choices=("train", "stored"), default="train",
-                   help="train: calibrate thresholds on augmented training images (default); "
+                   help="train: calibrate thresholds on augmented training images; "
                         "stored: evaluate the thresholds already in the checkpoint")
     p.add_argument("--calibrate-images", type=int, default=None, metavar="N",
                    help="training images for calibration (default: the config's "
                         "train.calibrate_images, or all when fewer)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--static-baseline-macs", type=float, default=None, metavar="M")
-    p.add_argument("--static-baseline-accuracy", type=float, default=None, metavar="A")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--static-baseline-macs", type=float, default=None, metavar="M",
+                   help="MACs of a static network to mark on the plot, with "
+                        "--static-baseline-accuracy (default: none)")
+    p.add_argument("--static-baseline-accuracy", type=float, default=None, metavar="A",
+                   help="its top-1 accuracy in percent (default: none)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling an authors' *.pth.tar (only for files you trust)")
-    p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _cmd_evaluate(args) -> int:
+def check_arguments(args) -> None:
+    """Mistakes found before the long run."""
     if (args.static_baseline_macs is None) != (args.static_baseline_accuracy is None):
         raise ValueError("give both --static-baseline-macs and --static-baseline-accuracy, or neither")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be > 0 MACs per image, got {args.budget:g}")
+    copy = Path(args.out) / "model.pt"
+    if not args.in_place and copy.exists() and _same_file(copy, args.checkpoint):
+        raise ValueError(f"--out {args.out} would overwrite the checkpoint '{args.checkpoint}' with "
+                         "its copy: give another --out, or --in-place to rewrite it")
+
+
+def _same_file(a: Path, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _cmd_evaluate(args) -> int:
+    check_arguments(args)
     raw = read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     native = raw.get("format") == FORMAT
+    if args.in_place and not native:
+        raise ValueError(f"--in-place: '{args.checkpoint}' is not a native glancefocus checkpoint "
+                         "(an authors' pickle is never rewritten); leave --in-place out to write "
+                         "the copy DIR/model.pt")
     model = model_from_checkpoint_dict(raw, args.checkpoint)
     run_config = dict(raw["config"]) if native else {"model": to_dict(model.config)}
     data = data_config_for(run_config, args.data)
@@ -360,37 +420,66 @@ def _cmd_evaluate(args) -> int:
     if calibrate_images is None:
         calibrate_images = (run_config.get("train") or {}).get("calibrate_images",
                                                                TrainConfig().calibrate_images)
-    model.to(args.device)
-    results = evaluate_model(model, data, args.calibrate, calibrate_images, args.batch_size,
-                             args.device)
+    device = resolve_device(args.device)
+    model.to(device)
+    results = evaluate_model(model, data, args.calibrate, calibrate_images, args.batch_size, device)
     out = Path(args.out)
     baseline = None
     if args.static_baseline_macs is not None:
         baseline = {"macs": args.static_baseline_macs, "accuracy": args.static_baseline_accuracy}
-    results["static_baseline"] = baseline
-    results["checkpoint"] = str(args.checkpoint)
-    if native:
-        store_in_checkpoint(args.checkpoint, raw, results)
-        results["stored_in"] = str(args.checkpoint)
-    else:
-        # an authors' pickle is left untouched: the curve goes into a native copy beside the results
-        store_in_native_copy(out / "model.pt", model.cpu(), results)
-        results["stored_in"] = str(out / "model.pt")
+    results.update(static_baseline=baseline, checkpoint=str(args.checkpoint), device=str(device))
+    budget_error = None
+    if args.budget is not None:
+        try:  # the calibration is not lost to a budget off the curve: report it at the end
+            results["at_budget"] = at_budget(results, args.budget)
+        except exits.BudgetOutOfRangeError as exc:
+            budget_error = exc
+    results["stored_in"] = str(store_exit_curve(args, raw, native, model, results, out))
     write_json(out / "evaluation.json", results)
     plot_accuracy_vs_macs(results, out / "accuracy_vs_macs.png", baseline)
     _print_summary(results, out)
+    if budget_error is not None:
+        raise budget_error
     return 0
+
+
+def store_exit_curve(args, raw: dict, native: bool, model, results: dict, out: Path) -> Path:
+    """Where the calibrated curve goes: the checkpoint itself with --in-place, else OUT/model.pt
+    (a native copy: the weights, run config, class names, metrics and the curve; no training
+    state). An authors' pickle is never rewritten."""
+    if args.in_place:
+        store_in_checkpoint(args.checkpoint, raw, results)
+        return Path(args.checkpoint)
+    copy = out / "model.pt"
+    if native:
+        store_in_checkpoint(copy, raw, results, keep_training=False)
+    else:
+        store_in_native_copy(copy, model.cpu(), results)
+    return copy
+
+
+def _summary_rows(budgeted: dict) -> list:
+    """A few budgets across the curve, cheapest first."""
+    order = sorted(range(len(budgeted["macs"])), key=lambda i: budgeted["macs"][i])
+    picks = sorted({order[round(f * (len(order) - 1))] for f in (0, 0.1, 0.25, 0.5, 0.75, 1)},
+                   key=lambda i: budgeted["macs"][i])
+    return picks
 
 
 def _print_summary(results: dict, out: Path) -> None:
     anytime = results["anytime"]
-    print("step  MACs              top-1    top-5")
+    print("step  MACs / image      top-1    top-5    (step 1 = the glance)")
     for k, macs in enumerate(results["macs_per_step"]):
         print(f"{k + 1:>4}  {macs:>16,}  {anytime['top1'][k]:6.2f}  {anytime['top5'][k]:6.2f}")
     budgeted = results["budgeted"]
-    picks = sorted({0, len(budgeted["macs"]) // 4, len(budgeted["macs"]) // 2, len(budgeted["macs"]) - 1})
-    print("budget q  expected MACs     top-1")
-    for i in picks:
-        print(f"{budgeted['budgets'][i]:>8.2f}  {budgeted['macs'][i]:>16,.0f}  {budgeted['accuracy'][i]:6.2f}")
-    print(f"wrote {out / 'evaluation.json'}, {out / 'accuracy_vs_macs.png'}; exit curve stored in "
-          f"{results['stored_in']}")
+    print("budget q  MACs / image      top-1    (expected over the validation set)")
+    for i in _summary_rows(budgeted):
+        print(f"{budgeted['budgets'][i]:>8.2f}  {budgeted['macs'][i]:>16,.0f}  "
+              f"{budgeted['accuracy'][i]:6.2f}")
+    if "at_budget" in results:
+        pick = results["at_budget"]
+        print(f"at a budget of {pick['budget_macs']:,.0f} MACs per image: top-1 "
+              f"{pick['accuracy']:.2f} % at {pick['macs']:,.0f} MACs per image (budget q "
+              f"{pick['q']:.2f}, the thresholds predict --budget uses)")
+    print(f"wrote {out / 'evaluation.json'}, {out / 'accuracy_vs_macs.png'}; the calibrated exit "
+          f"curve is stored in {results['stored_in']}")

@@ -1,4 +1,4 @@
-"""Early exits: confidence thresholds for budgeted batch classification (REFERENCE.md section 3).
+"""Early exits: confidence thresholds for budgeted batch classification (the authors' protocol).
 
 Every step is run for every sample; exits are simulated afterwards from the per-step confidences
 (max softmax probability). Thresholds for 39 budgets are calibrated with the authors' walk, then
@@ -19,8 +19,15 @@ from typing import Sequence, Union
 
 import torch
 
-BIG = 1e8
-"""The 'never exit' threshold (and its negative, 'always exit' at the last step), as the authors."""
+# the 'never exit' threshold and the budget rule live in a torch-free module that the ONNX
+# runtime shares (re-exported here)
+from .runtime.exit_rule import (  # noqa: F401
+    BIG,
+    BudgetAboveCurveWarning,
+    BudgetOutOfRangeError,
+    budget_index,
+    curve_range,
+)
 
 TensorLike = Union[torch.Tensor, Sequence[float]]
 
@@ -61,7 +68,7 @@ def _as_conf(conf: TensorLike) -> torch.Tensor:
 
 
 def calibrate_thresholds(conf: TensorLike, shares: TensorLike) -> torch.Tensor:
-    """Thresholds [T] (float64) from confidences [T, N], with the authors' walk (REFERENCE section 3).
+    """Thresholds [T] (float64) from confidences [T, N], with the authors' walk.
 
     For k < T: n_k = floor(N * share_k); the threshold is the n_k-th largest step-k confidence among
     samples not yet marked (+1e8 if n_k is 0 or fewer than n_k remain); then every sample whose
@@ -188,17 +195,5 @@ def budgeted_curve(
 
 
 def thresholds_for_budget(curve: dict, macs_budget: float) -> torch.Tensor:
-    """Thresholds [T] of the budget with the largest expected MACs not above macs_budget.
-
-    Equal MACs are broken by the higher accuracy. Raises ValueError if even the cheapest budget
-    costs more than macs_budget (a silent fallback would overspend).
-    """
-    macs = curve["macs"]
-    fitting = [i for i, m in enumerate(macs) if m <= macs_budget]
-    if not fitting:
-        raise ValueError(
-            f"no budget fits {macs_budget:.6g} MACs per image; the smallest available is "
-            f"{min(macs):.6g}"
-        )
-    best = max(fitting, key=lambda i: (macs[i], curve["accuracy"][i]))
-    return torch.tensor(curve["thresholds"][best], dtype=torch.float64)
+    """Thresholds [T] of the calibrated budget chosen by `budget_index` (see there)."""
+    return torch.tensor(curve["thresholds"][budget_index(curve, macs_budget)], dtype=torch.float64)

@@ -1,8 +1,9 @@
 """Ctrl-C (SIGINT) and SIGTERM during training: save a checkpoint, then stop cleanly.
 
 The handlers only set a flag; the stage loops look at it after each batch (stage 2: after each
-update), save, and raise TrainingInterrupted, which the command turns into one line and the exit
-status 128 + signal (130 for SIGINT, 143 for SIGTERM). A second signal while saving quits at once:
+update; under torchrun every few batches or updates, when all processes compare flags), save,
+and raise TrainingInterrupted, which the command turns into one line and the exit status
+128 + signal (130 for SIGINT, 143 for SIGTERM). A second signal while saving quits at once:
 the atomic writes leave the previous checkpoint whole and remove their temporary file.
 """
 from __future__ import annotations
@@ -69,10 +70,14 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
 class UntilStopped:
     """The batches of `loader` until `stop()` is true, checked before fetching the next batch
-    (so a stopping run reads nothing more; DataLoader workers may already have exited on Ctrl-C)."""
+    (so a stopping run reads nothing more; DataLoader workers may already have exited on Ctrl-C).
+
+    `stop` is asked after every batch; under torchrun, pass one that is cheap between its real
+    polls (StageRun.stop_poll), since asking every process is a collective."""
 
     def __init__(self, loader, stop):
         self.loader, self.stop = loader, stop
+        self.dataset = getattr(loader, "dataset", None)  # what a stand-in batch is read from
 
     def __len__(self) -> int:
         return len(self.loader)

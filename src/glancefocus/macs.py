@@ -1,4 +1,4 @@
-"""Multiply-add accounting, counted from the modules themselves (REFERENCE §4).
+"""Multiply-add accounting, counted from the modules themselves (the authors' rule, which reproduces their released figures).
 
 - encoder: the multiply-adds of every convolution (no bias) at P x P, plus one per BatchNorm
   channel (the sum of num_features); the encoder's own linear head is not counted;

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import crops
@@ -66,9 +67,13 @@ class GlanceFocusNet(nn.Module):
         self.exit_curve: Optional[dict] = None   # calibrated thresholds per budget (see exits.py)
         self.metrics: dict = {}
         build = dict(num_classes=config.num_classes, in_chans=config.in_chans,
-                     pretrained=config.pretrained, **config.encoder_kwargs)
-        self.glance_encoder = Encoder(create_backbone(config.arch, **build))
-        self.focus_encoder = Encoder(create_backbone(config.arch, **build))
+                     pretrained_tag=config.pretrained_tag, **config.encoder_kwargs)
+        glance_weights = config.pretrained if config.pretrained_glance is None else config.pretrained_glance
+        self.glance_encoder = Encoder(create_backbone(config.arch, pretrained=glance_weights, **build))
+        self.focus_encoder = Encoder(create_backbone(config.arch, pretrained=config.pretrained, **build))
+        # whether the glance encoder's head holds pretrained weights for these classes: a frozen
+        # glance encoder keeps such a head frozen, and trains a new one (see train/optim.py)
+        self.pretrained_glance_head = self.glance_encoder.backbone.pretrained_head
         feature_dim, state_shape = self._probe_shapes()
         self.feature_dim = feature_dim
         self.state_shape = state_shape
@@ -86,8 +91,19 @@ class GlanceFocusNet(nn.Module):
         was_training = encoder.training
         encoder.eval()
         p = self.config.patch_size
-        pooled, fmap = encoder(torch.zeros(1, self.config.in_chans, p, p))
-        encoder.train(was_training)
+        needs_cnn = ("GFNet's encoders must be CNNs, convolutional networks with a spatial feature "
+                     "map that take any input size (e.g. resnet50, densenet121, "
+                     "mobilenetv3_large_100, efficientnet_b2, regnety_016)")
+        try:
+            pooled, fmap = encoder(torch.zeros(1, self.config.in_chans, p, p))
+        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. a ViT's fixed input size
+            raise ValueError(f"model.arch '{self.config.arch}' cannot encode a {p}x{p} patch "
+                             f"({str(exc).splitlines()[0]}): {needs_cnn}") from None
+        finally:
+            encoder.train(was_training)
+        if fmap.dim() != 4 or pooled.dim() != 2:
+            raise ValueError(f"model.arch '{self.config.arch}' is not a CNN with a spatial feature "
+                             f"map (its features are {tuple(fmap.shape)}): {needs_cnn}")
         return pooled.shape[1], tuple(fmap.shape[1:])
 
     @property
@@ -132,6 +148,9 @@ class GlanceFocusNet(nn.Module):
             box = crops.crop_boxes(location, height, width, p)
             encoder, classifier_state = self.focus_encoder, state.classifier_state
         pooled, fmap = encoder(view)
+        # the backbone's own dropout before the classifier heads (timm's drop_rate, which its
+        # forward_head skips when it returns the pooled feature), only while the encoder trains
+        pooled = F.dropout(pooled, getattr(encoder.backbone, "drop_rate", 0.0), encoder.training)
         logits, classifier_state = self.classifier(pooled, classifier_state, step)
         if step == 1 and self.config.glance_head == "encoder":
             logits = encoder.head(pooled)
@@ -178,15 +197,16 @@ class GlanceFocusNet(nn.Module):
         )
 
     def predict(self, images: torch.Tensor, budget: Optional[float] = None,
-                thresholds: Optional[torch.Tensor] = None) -> list:
+                thresholds: Optional[torch.Tensor] = None, top_k: int = 1) -> list:
         """Early-exit predictions, one per image (see predictor.Predictor): images that are
-        confident enough leave the batch, so later steps compute only on the others."""
+        confident enough leave the batch, so later steps compute only on the others. `images`
+        are preprocessed as glancefocus.create_transform(model) does."""
         from .predictor import predict
 
-        return predict(self, images, budget=budget, thresholds=thresholds)
+        return predict(self, images, budget=budget, thresholds=thresholds, top_k=top_k)
 
     def macs(self) -> dict:
-        """Multiply-adds per part and per step (REFERENCE §4), counted from the modules."""
+        """Multiply-adds per part and per step by the authors' rule, counted from the modules (see macs.py)."""
         from .macs import count_model_macs
 
         return count_model_macs(self)
@@ -201,6 +221,8 @@ def _validate(config: ModelConfig) -> None:
         if not ok:
             raise ValueError(message)
 
+    need(config.num_classes is not None,
+         "model.num_classes is not set (training reads it from the data's class folders)")
     need(config.num_classes >= 1, f"model.num_classes must be >= 1, got {config.num_classes}")
     need(config.patch_size >= 8, f"model.patch_size must be >= 8 pixels, got {config.patch_size}")
     need(config.max_steps >= 1, f"model.max_steps must be >= 1, got {config.max_steps}")
@@ -226,11 +248,13 @@ def create_model(arch: str, num_classes: Optional[int] = None, patch_size: Optio
     T 5). `image_size`, if given, is only checked against the patch size: the model takes any
     input at least P x P, square or not.
     """
-    from .presets import model_config_for
+    from .presets import default_model_section, model_config_for
 
     fields = dict(overrides, pretrained=pretrained)
     if num_classes is not None:
         fields["num_classes"] = num_classes
+    elif "num_classes" not in default_model_section(arch):
+        fields["num_classes"] = 1000  # ImageNet's, as the authors' models
     if patch_size is not None:
         fields["patch_size"] = patch_size
     if max_steps is not None:

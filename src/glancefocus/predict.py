@@ -1,37 +1,41 @@
 """`glancefocus predict IMAGE...`: classify image files with real early exit.
 
-Each file is read with data.load_image (any image Pillow reads, converted to the model's
-channels), given the checkpoint's evaluation transforms, and classified in batches by the
-early-exit predictor. A file that cannot be read gets a one-line error naming it; the others
-still get their answers, and the exit status says whether any failed.
+IMAGE may be a file, a folder (its image files, searched recursively, in sorted order) or a
+glob such as 'photos/**/*.jpg' (quoted, so that the command expands it: also on shells that do
+not). Each file is read with data.load_image (any image Pillow reads, converted to the model's
+channels), turned into the model's input by `transforms.create_transform` (the checkpoint's
+evaluation preprocessing), and classified in batches by the early-exit predictor. A file that
+cannot be read gets a one-line error naming it; the others still get their answers, and the exit
+status says whether any failed.
+
+Boxes are reported in the pixels of the original file: the model's input is the file resized and
+centre-cropped, and each box is mapped back through that resize and crop.
+
+`--exported DIR` runs a model written by `glancefocus export` on onnxruntime instead, with the
+same output; that path imports neither PyTorch nor torchvision (this module imports them only
+for `--checkpoint`).
 """
 from __future__ import annotations
 
-import dataclasses
+import glob
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
+from .cli import HelpFormatter
+from .runtime.images import IMAGE_EXTENSIONS
 
-from .checkpoint import load_checkpoint
-from .config import DataConfig, from_dict, to_dict
-from .data import build_transforms, load_image
-from .evaluate import preset_data_section
-from .predictor import Prediction, Predictor
+if TYPE_CHECKING:
+    import torch
 
+    from .runtime import ExportedPredictor
 
-def evaluation_transform(model):
-    """PIL image -> the tensor the model was evaluated on (the stored data config's transforms)."""
-    run_config = getattr(model, "run_config", None) or {"model": to_dict(model.config)}
-    section = dict(run_config.get("data") or preset_data_section(model.config.arch))
-    section.pop("root", None)  # not needed to transform a single file
-    data = from_dict(DataConfig, section, prefix="data.")
-    if data.dataset == "cluttered-mnist":
-        # canvases are used whole: scale the file to the canvas, no border cut off
-        data = dataclasses.replace(data, resize_size=data.image_size)
-    return build_transforms(data, train=False, channels=model.config.in_chans), data
+GLOB_CHARACTERS = "*?["
+STEP_LEGEND = ("steps: how many steps ran; 1 = the glance (the whole input, shrunk) alone, "
+               "k = the glance and k-1 focus patches")
 
 
 def format_macs(macs: float) -> str:
@@ -41,88 +45,194 @@ def format_macs(macs: float) -> str:
     return f"{macs:.0f}"
 
 
-def read_images(paths, transform, channels: int):
-    """(tensors of the readable files, their paths, {path: error message} of the others)."""
-    tensors, good, errors = [], [], {}
+# ----------------------------------------------------------------------------------------------
+# which files
+
+def is_image_file(name: str) -> bool:
+    return not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def images_in_folder(folder) -> list:
+    """The image files under `folder`, recursively, sorted by path (hidden files skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, name) for name in filenames if is_image_file(name)]
+    return sorted(found)
+
+
+def expand_inputs(items) -> tuple[list, dict]:
+    """Files, folders and globs -> (image paths in order, without repeats; {item: error}).
+
+    A file is taken as given (a missing or unreadable one is reported when it is read); a folder
+    and a glob give their image files (by extension), and an error when they give none.
+    """
+    paths, errors = [], {}
+    for item in map(str, items):
+        if os.path.isdir(item):
+            found = images_in_folder(item)
+            if not found:
+                errors[item] = (f"folder '{item}' holds no image files "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
+        elif any(c in item for c in GLOB_CHARACTERS) and not os.path.exists(item):
+            found = []
+            for match in sorted(glob.glob(item, recursive=True)):
+                found += images_in_folder(match) if os.path.isdir(match) else (
+                    [match] if is_image_file(match) else [])
+            if not found:
+                errors[item] = f"no image files match '{item}'"
+        else:
+            found = [item]
+        paths += found
+    return list(dict.fromkeys(paths)), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# predicting
+
+@dataclass
+class FilePrediction:
+    """The answer for one file, boxes in the original file's pixels."""
+
+    path: str
+    prediction: Any             # predictor.Prediction or runtime.Prediction (the same fields)
+    original_size: tuple        # (width, height) of the file
+    boxes: list                 # [exit_step][4] (x0, y0, x1, y1) in the original file's pixels
+
+    def to_dict(self) -> dict:
+        p = self.prediction
+        return {"file": self.path, "label": p.label, "class_name": p.class_name,
+                "confidence": p.confidence, "exit_step": p.exit_step, "macs": p.macs,
+                "top_k": p.top_k, "original_size": list(self.original_size),
+                "boxes_in_original_pixels": self.boxes, "boxes_in_model_input": p.boxes}
+
+
+def read_images(paths, transform):
+    """(PIL images of the readable files, their paths, {path: error message} of the others)."""
+    images, good, errors = [], [], {}
     for path in paths:
         try:
-            tensors.append(transform(load_image(path, channels)))
+            images.append(transform.load(path))
             good.append(path)
-        except ValueError as exc:  # ImageReadError, ImageTooSmallError: the message names the file
+        except ValueError as exc:  # ImageReadError: the message names the file
             message = str(exc)
             errors[path] = message if str(path) in message else f"'{path}': {message}"
-    return tensors, good, errors
+    return images, good, errors
+
+
+def model_device(model) -> "torch.device":
+    return next(model.parameters()).device
 
 
 def predict_files(model, paths, budget: Optional[float] = None, batch_size: int = 64,
-                  on_batch: Optional[Callable] = None):
-    """Predict every readable file. Returns (results [(path, Prediction)], errors {path: message},
-    the predictor). on_batch(paths, input tensors, predictions) sees each batch as it is done."""
-    predictor = Predictor(model, budget=budget)  # fails early when no curve fits the budget
-    transform, _ = evaluation_transform(model)
+                  on_batch: Optional[Callable] = None, top_k: int = 1):
+    """Predict every readable file, on the model's device. Returns (results [FilePrediction],
+    errors {path: message}, the predictor). on_batch(results, PIL images) sees each batch."""
+    import torch
+
+    from .predictor import Predictor
+    from .transforms import create_transform
+
+    predictor = Predictor(model, budget=budget, top_k=top_k)  # fails early when no budget fits
+    transform = create_transform(model)
+    device = model_device(model)
+    return _predict_batches(predictor, transform, paths, batch_size, on_batch,
+                            lambda arrays: torch.stack(arrays).to(device))
+
+
+def predict_exported(predictor: "ExportedPredictor", paths, batch_size: int = 64,
+                     on_batch: Optional[Callable] = None):
+    """predict_files for an exported model on onnxruntime (numpy and PIL only)."""
+    import numpy as np
+
+    return _predict_batches(predictor, predictor.model.transform(), paths, batch_size, on_batch,
+                            np.stack)
+
+
+def _predict_batches(predictor, transform, paths, batch_size: int, on_batch: Optional[Callable],
+                     stack: Callable):
+    """Read, transform and predict the files in batches (either engine)."""
     results, errors = [], {}
     for start in range(0, len(paths), batch_size):
-        tensors, good, failed = read_images(paths[start:start + batch_size], transform,
-                                            model.config.in_chans)
+        images, good, failed = read_images(paths[start:start + batch_size], transform)
+        tensors, kept, pictures = [], [], []
+        for path, image in zip(good, images):
+            try:
+                tensors.append(transform(image))
+                kept.append(path)
+                pictures.append(image)
+            except ValueError as exc:  # e.g. ImageTooSmallError with data.small_images='error'
+                failed[path] = f"'{path}': {exc}"
         errors.update(failed)
         if not tensors:
             continue
-        predictions = predictor.predict(torch.stack(tensors))
-        results += list(zip(good, predictions))
+        predictions = predictor.predict(stack(tensors))
+        batch = [FilePrediction(str(path), p, image.size,
+                                transform.boxes_to_original(p.boxes, image.size))
+                 for path, p, image in zip(kept, predictions, pictures)]
+        results += batch
         if on_batch is not None:
-            on_batch(good, tensors, predictions)
+            on_batch(batch, pictures)
     return results, errors, predictor
 
 
 # ----------------------------------------------------------------------------------------------
 # output
 
-def print_table(results) -> None:
-    rows = [(str(path), p.class_name if p.class_name is not None else str(p.label),
-             f"{p.confidence:.3f}", str(p.exit_step), format_macs(p.macs)) for path, p in results]
-    header = ("file", "class", "confidence", "steps", "MACs")
+def class_text(label: int, class_name: Optional[str]) -> str:
+    return class_name if class_name is not None else str(label)
+
+
+def print_table(results, top_k: int = 1) -> None:
+    header = ["file", "class", "confidence", "steps", "MACs"]
+    if top_k > 1:
+        header.append(f"top-{top_k} (probability)")
+    rows = []
+    for r in results:
+        p = r.prediction
+        row = [r.path, class_text(p.label, p.class_name), f"{p.confidence:.3f}", str(p.exit_step),
+               format_macs(p.macs)]
+        if top_k > 1:
+            row.append(", ".join(f"{class_text(c['label'], c['class_name'])} {c['probability']:.3f}"
+                                 for c in p.top_k))
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for row in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(STEP_LEGEND)
 
 
-def draw_overlay(image: torch.Tensor, prediction: Prediction, data: DataConfig, path: Path) -> None:
-    """The model's input image with the glance and the numbered patch boxes, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw_overlay(image, result: FilePrediction, path: Path) -> None:
+    """The original file with the boxes looked at, numbered by step: 1 the glance (blue, the
+    part of the file the model's input covers), 2.. the focus patches (orange), as a PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from .atomic import atomic_path
+    from .atomic import write_atomic
 
-    channels = image.shape[0]
-    mean = torch.tensor(list(data.mean)).view(-1, 1, 1)
-    std = torch.tensor(list(data.std)).view(-1, 1, 1)
-    pixels = (image * std + mean).clamp(0, 1)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if channels == 1:
-        ax.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(pixels.permute(1, 2, 0).numpy())
-    for step, (x0, y0, x1, y1) in enumerate(prediction.boxes, start=1):
+    prediction = result.prediction
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    pixels = np.asarray(image)
+    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255)
+    width = result.original_size[0]
+    for step, (x0, y0, x1, y1) in enumerate(result.boxes, start=1):
         glance = step == 1
+        colour = "tab:blue" if glance else "tab:orange"
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                               linewidth=3 if glance else 2,
-                               edgecolor="tab:blue" if glance else "tab:orange"))
-        if not glance:  # shifted per step: patches at the same place keep readable numbers
-            shift = (step - 2) * 0.06 * image.shape[-1]
-            ax.text(x0 + 1 + shift, y0 + 1, str(step - 1), color="white", fontsize=10, va="top",
-                    bbox=dict(facecolor="tab:orange", edgecolor="none", pad=1))
-    name = prediction.class_name if prediction.class_name is not None else str(prediction.label)
-    ax.set_title(f"{name}  ({prediction.confidence:.2f}, {prediction.exit_step} steps, "
-                 f"{format_macs(prediction.macs)} MACs)", fontsize=10)
+                               linewidth=3 if glance else 2, edgecolor=colour))
+        # shifted per step: patches at the same place keep readable numbers
+        shift = max(step - 2, 0) * 0.06 * width
+        ax.text(x0 + 1 + shift, y0 + 1, str(step), color="white", fontsize=10, va="top",
+                bbox={"facecolor": colour, "edgecolor": "none", "pad": 1})
+    ax.set_title(f"{class_text(prediction.label, prediction.class_name)}  "
+                 f"({prediction.confidence:.2f}, {prediction.exit_step} steps, "
+                 f"{format_macs(prediction.macs)} MACs)\n1 = glance, 2.. = focus patches",
+                 fontsize=10)
     ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def overlay_paths(paths, folder: Path) -> dict:
@@ -134,7 +244,7 @@ def overlay_paths(paths, folder: Path) -> dict:
             n += 1
             name = f"{stem}-{n}"
         used.add(name)
-        out[path] = folder / f"{name}.png"
+        out[str(path)] = folder / f"{name}.png"
     return out
 
 
@@ -142,16 +252,38 @@ def overlay_paths(paths, folder: Path) -> dict:
 # the command
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="classify image files with early exit")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--checkpoint", required=True)
+    p = subparsers.add_parser(
+        "predict", help="classify image files, folders or globs with early exit",
+        description="Classify images with early exit: each image stops at the first step that is "
+                    "confident enough for the budget. " + STEP_LEGEND + ".",
+        formatter_class=HelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (searched recursively, sorted) or quoted globs "
+                        "such as 'photos/**/*.jpg'")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a glancefocus checkpoint (.pt), run with PyTorch "
+                                             "(default: none; give it or --exported)")
+    source.add_argument("--exported", metavar="DIR",
+                        help="a folder written by `glancefocus export`: run it on onnxruntime, "
+                             "CPU, no PyTorch needed (default: none; give it or --checkpoint)")
     p.add_argument("--budget", type=float, default=None, metavar="MACS",
-                   help="MACs per image to aim at (needs thresholds calibrated by `glancefocus "
-                        "evaluate`); default: every step for every image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+                   help="average multiply-adds per image to aim at, e.g. 10e6 (needs thresholds "
+                        "calibrated by `glancefocus evaluate`); must lie within the calibrated "
+                        "curve's range (default: none, every image runs every step)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="list the K most probable classes with their probabilities")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ... "
+                        "(with --checkpoint)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads with --exported (default: onnxruntime's choice)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of a table; boxes in the original file's "
+                        "pixels (boxes_in_original_pixels) and in the model's input")
     p.add_argument("--visualize", metavar="DIR", default=None,
-                   help="write DIR/<stem>.png: the image with the glance and the patches looked at")
+                   help="write DIR/<stem>.png: the file with the boxes looked at, 1 = the glance, "
+                        "2.. = the focus patches (default: no pictures)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling an authors' *.pth.tar (only for files you trust)")
     p.set_defaults(func=_cmd_predict)
@@ -160,28 +292,64 @@ def register(subparsers) -> None:
 def _cmd_predict(args) -> int:
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
-    model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    if args.top_k <= 0:
+        raise ValueError(f"--top-k must be > 0, got {args.top_k}")
+    paths, input_errors = expand_inputs(args.images)
     on_batch = None
     if args.visualize:
-        _, data = evaluation_transform(model)
-        targets = overlay_paths(args.images, Path(args.visualize))
+        targets = overlay_paths(paths, Path(args.visualize))
 
-        def on_batch(paths, tensors, predictions):
-            for path, image, prediction in zip(paths, tensors, predictions):
-                draw_overlay(image, prediction, data, targets[path])
+        def on_batch(batch, images):
+            for result, image in zip(batch, images):
+                draw_overlay(image, result, targets[result.path])
 
-    results, errors, predictor = predict_files(model, list(args.images), args.budget,
-                                               args.batch_size, on_batch)
+    if args.exported:
+        header, results, errors, predictor = _run_exported(args, paths, on_batch)
+    else:
+        header, results, errors, predictor = _run_checkpoint(args, paths, on_batch)
+    errors = {**input_errors, **errors}
     for message in errors.values():
         print(f"glancefocus predict: error: {message}", file=sys.stderr)
     if args.json:
         print(json.dumps({
-            "checkpoint": str(args.checkpoint),
+            **header,
             "budget": args.budget,
-            "thresholds": predictor.thresholds.tolist(),
-            "predictions": [dict(file=str(path), **p.to_dict()) for path, p in results],
+            "thresholds": [float(t) for t in predictor.thresholds],
+            "predictions": [r.to_dict() for r in results],
             "errors": [{"file": str(path), "error": message} for path, message in errors.items()],
         }, indent=2))
     elif results:
-        print_table(results)
+        print_table(results, predictor.top_k)
     return 1 if errors else 0
+
+
+def _run_checkpoint(args, paths, on_batch):
+    """--checkpoint: the PyTorch model. Returns (JSON header, results, errors, predictor)."""
+    try:
+        from .checkpoint import load_checkpoint
+        from .predictor import resolve_device
+    except ImportError as exc:
+        raise ValueError(f"--checkpoint needs PyTorch, which cannot be imported here ({exc}); "
+                         "run a model written by `glancefocus export` with --exported DIR "
+                         "instead") from None
+    device = resolve_device(args.device)
+    model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).to(device)
+    results, errors, predictor = predict_files(model, paths, args.budget, args.batch_size,
+                                               on_batch, args.top_k)
+    return {"checkpoint": str(args.checkpoint), "device": str(device)}, results, errors, predictor
+
+
+def _run_exported(args, paths, on_batch):
+    """--exported: the ONNX graphs on onnxruntime, without PyTorch."""
+    from .runtime import ExportedPredictor
+
+    if args.trust_pickle:
+        raise ValueError("--trust-pickle applies to --checkpoint only: an exported folder holds "
+                         "no pickles")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be > 0, got {args.threads}")
+    predictor = ExportedPredictor(args.exported, budget=args.budget, top_k=args.top_k,
+                                  threads=args.threads)
+    results, errors, predictor = predict_exported(predictor, paths, args.batch_size, on_batch)
+    header = {"exported": str(args.exported), "device": "cpu", "engine": "onnxruntime"}
+    return header, results, errors, predictor

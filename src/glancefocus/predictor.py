@@ -9,7 +9,7 @@ and exit steps equal `exits.simulate_exits` on the all-steps logits (tested).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,8 +17,9 @@ import torch
 from . import exits
 
 NO_CURVE_HINT = ("the model has no calibrated exit curve (thresholds and MACs per budget); run "
-                 "`glancefocus evaluate --checkpoint CKPT ...` once to calibrate and store it, or "
-                 "give explicit thresholds")
+                 "`glancefocus evaluate --checkpoint CKPT --out DIR` once and use DIR/model.pt, "
+                 "the copy with the calibrated exits (or add --in-place to store them in CKPT), "
+                 "or give explicit thresholds")
 
 
 @dataclass
@@ -30,11 +31,14 @@ class Prediction:
     confidence: float          # max softmax probability at the exit step
     exit_step: int             # 1-based: 1 = the glance alone
     macs: int                  # multiply-adds spent on this image (running exit_step steps)
-    boxes: list                # [exit_step][4] pixel boxes (x0, y0, x1, y1) looked at, glance first
+    boxes: list                # [exit_step][4] boxes (x0, y0, x1, y1) looked at, in pixels of
+                               # the model's input; step 1 (the glance) first
+    top_k: list = field(default_factory=list)  # [{label, class_name, probability}], best first
 
     def to_dict(self) -> dict:
         return {"label": self.label, "class_name": self.class_name, "confidence": self.confidence,
-                "exit_step": self.exit_step, "macs": self.macs, "boxes": self.boxes}
+                "exit_step": self.exit_step, "macs": self.macs, "boxes": self.boxes,
+                "top_k": self.top_k}
 
 
 @dataclass
@@ -46,27 +50,37 @@ class ExitBatch:
     exit_steps: torch.Tensor   # [N] long, 1-based
     macs: torch.Tensor         # [N] long
     boxes: torch.Tensor        # [N, T, 4] long; rows after an image's exit step are -1
+    top_probabilities: torch.Tensor  # [N, K] float32: the K most probable classes at the exit
+    top_labels: torch.Tensor         # [N, K] long
 
 
 class Predictor:
     """Early-exit inference at a MACs budget or with explicit thresholds.
 
     budget: MACs per image; picks the calibrated thresholds of the most expensive budget that fits
-    (model.exit_curve, see `glancefocus evaluate`). thresholds: [T] confidences, one per step.
-    Neither: every image runs every step.
+    (model.exit_curve, see `glancefocus evaluate`). Below the curve's cheapest budget it raises
+    exits.BudgetOutOfRangeError; above its most expensive one it warns
+    (exits.BudgetAboveCurveWarning) and uses that one. thresholds: [T] confidences, one per step.
+    Neither: every image runs every step. top_k: how many of the most probable classes each
+    Prediction lists (with their probabilities at the exit step).
     """
 
     def __init__(self, model, thresholds: Union[None, Sequence[float], torch.Tensor] = None,
-                 budget: Optional[float] = None):
+                 budget: Optional[float] = None, top_k: int = 1):
         if thresholds is not None and budget is not None:
             raise ValueError("give a MACs budget or explicit thresholds, not both")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.model = model
+        self.top_k = min(int(top_k), model.config.num_classes)
+        self.budget_index = None   # which calibrated budget of model.exit_curve is used
         steps = model.config.max_steps
         if budget is not None:
             curve = getattr(model, "exit_curve", None)
             if not curve or not curve.get("thresholds") or not curve.get("macs"):
                 raise ValueError(f"cannot run at a budget of {budget:.6g} MACs: {NO_CURVE_HINT}")
-            thresholds = exits.thresholds_for_budget(curve, float(budget))
+            self.budget_index = exits.budget_index(curve, float(budget))
+            thresholds = curve["thresholds"][self.budget_index]
         if thresholds is None:
             thresholds = [exits.BIG] * (steps - 1) + [-exits.BIG]  # nobody exits before the end
         self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64).flatten().cpu()
@@ -84,6 +98,8 @@ class Predictor:
         confidences = torch.zeros(n, dtype=torch.float32)
         exit_steps = torch.zeros(n, dtype=torch.long)
         boxes = torch.full((n, steps, 4), -1, dtype=torch.long)
+        top_probabilities = torch.zeros(n, self.top_k, dtype=torch.float32)
+        top_labels = torch.zeros(n, self.top_k, dtype=torch.long)
         running = torch.arange(n)           # batch indices of the images still running
         was_training = model.training
         model.eval()                        # BatchNorm statistics and the policy's mean
@@ -103,6 +119,11 @@ class Predictor:
                     labels[finished] = pred[done]
                     confidences[finished] = conf[done]
                     exit_steps[finished] = step
+                    if bool(done.any()):
+                        probs, classes = _top_classes(out.logits[done.to(out.logits.device)],
+                                                      self.top_k)
+                        top_probabilities[finished] = probs
+                        top_labels[finished] = classes
                     if step == steps or bool(done.all()):
                         break
                     if bool(done.any()):
@@ -115,7 +136,8 @@ class Predictor:
         finally:
             model.train(was_training)
         return ExitBatch(labels=labels, confidences=confidences, exit_steps=exit_steps,
-                         macs=self.step_macs[exit_steps - 1], boxes=boxes)
+                         macs=self.step_macs[exit_steps - 1], boxes=boxes,
+                         top_probabilities=top_probabilities, top_labels=top_labels)
 
     def predict(self, images: torch.Tensor) -> list[Prediction]:
         """Early-exit inference on a batch, one Prediction per image."""
@@ -126,16 +148,46 @@ class Predictor:
             label, step = int(batch.labels[i]), int(batch.exit_steps[i])
             answers.append(Prediction(
                 label=label,
-                class_name=names[label] if names and label < len(names) else None,
+                class_name=_name(names, label),
                 confidence=float(batch.confidences[i]),
                 exit_step=step,
                 macs=int(batch.macs[i]),
                 boxes=batch.boxes[i, :step].tolist(),
+                top_k=[{"label": int(c), "class_name": _name(names, int(c)), "probability": float(p)}
+                       for p, c in zip(batch.top_probabilities[i], batch.top_labels[i])],
             ))
         return answers
 
 
+def _name(names, label: int) -> Optional[str]:
+    return names[label] if names and label < len(names) else None
+
+
+def _top_classes(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest softmax probabilities (float32 softmax, as the exit rule) and their classes."""
+    probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    top = probs.topk(k, dim=-1)
+    return top.values.float().cpu(), top.indices.cpu()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto': the GPU when there is one, else the CPU; otherwise a torch device name that must
+    be usable here (e.g. cpu, cuda, cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 def predict(model, images: torch.Tensor, budget: Optional[float] = None,
-            thresholds: Union[None, Sequence[float], torch.Tensor] = None) -> list[Prediction]:
+            thresholds: Union[None, Sequence[float], torch.Tensor] = None,
+            top_k: int = 1) -> list[Prediction]:
     """Early-exit predictions for a batch of images (see Predictor)."""
-    return Predictor(model, thresholds=thresholds, budget=budget).predict(images)
+    return Predictor(model, thresholds=thresholds, budget=budget, top_k=top_k).predict(images)

@@ -11,7 +11,7 @@ from .config import ModelConfig
 
 
 def _family(backbone_lr, weight_decay, dsn_ratio, train_glance_encoder, stage1_epochs):
-    """The per-family recipe of REFERENCE §2 (SGD, cosine; PPO for stage 2)."""
+    """The per-family recipe of the authors' train.py (SGD, cosine; PPO for stage 2)."""
     stage = dict(backbone_lr=backbone_lr, weight_decay=weight_decay, dsn_ratio=dsn_ratio,
                  train_glance_encoder=train_glance_encoder)
     return {
@@ -27,51 +27,67 @@ def _imagenet_data(image_size=224, crop_pct=0.875, interpolation="bilinear"):
             "resize_size": int(image_size / crop_pct), "interpolation": interpolation}
 
 
-def _resnet_like(arch, glance_interpolation, **model):
+def _pretrained(tag):
+    """The authors fine-tune ImageNet-pretrained encoders: the closest weights timm has."""
+    return dict(pretrained=True, pretrained_tag=tag)
+
+
+def _resnet_like(arch, glance_interpolation, tag, **model):
     return {
         "model": dict(arch=arch, classifier="recurrent", classifier_hidden=1024,
                       policy_encoder="linear", policy_hidden=1024,
-                      glance_interpolation=glance_interpolation, **model),
+                      glance_interpolation=glance_interpolation, **_pretrained(tag), **model),
         "data": _imagenet_data(),
     }
 
 
 def _regnet(timm_name):
+    # in training the authors predict the glance with the GRU classifier (their train.py); only
+    # their inference.py uses the encoder's head, which imported checkpoints keep
     preset = {
         "model": dict(arch=timm_name, classifier="recurrent", classifier_hidden=1024,
-                      glance_head="encoder", policy_encoder="conv", policy_hidden=256,
-                      glance_interpolation="bilinear"),
+                      glance_head="classifier", policy_encoder="conv", policy_hidden=256,
+                      glance_interpolation="bilinear", **_pretrained("pycls_in1k")),
         "data": _imagenet_data(),
         "train": _family(0.02, 5e-5, 1.0, True, 60),
     }
     return preset
 
 
-def _cascaded(arch, max_steps, patch_size, data, stage1_epochs):
+def _cascaded(arch, max_steps, patch_size, data, stage1_epochs, tag, drop_rate):
+    # the authors' train.py: dropout before the classifier and stochastic depth in the blocks
+    regularisation = dict(drop_rate=drop_rate, drop_path_rate=0.2)
     return {
         "model": dict(arch=arch, classifier="cascaded", glance_head="encoder",
                       policy_encoder="conv", policy_hidden=256, glance_interpolation="bicubic",
-                      max_steps=max_steps, patch_size=patch_size),
+                      max_steps=max_steps, patch_size=patch_size, encoder_kwargs=regularisation,
+                      **_pretrained(tag)),
         "data": data,
         "train": _family(0.005, 1e-4, 5.0, False, stage1_epochs),
     }
 
 
+_RESNET = _family(0.01, 1e-4, 1.0, True, 60)
+
 PRESETS: dict[str, dict] = {
-    "resnet50": dict(_resnet_like("resnet50", "bicubic"), train=_family(0.01, 1e-4, 1.0, True, 60)),
-    "densenet121": dict(_resnet_like("densenet121", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
-    "densenet169": dict(_resnet_like("densenet169", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
-    "densenet201": dict(_resnet_like("densenet201", "bilinear"), train=_family(0.01, 1e-4, 1.0, True, 60)),
-    # the authors' names for RegNets; the encoders are timm's equivalents
+    # torchvision's ResNet/DenseNet weights (timm's *.tv_in1k), as the authors' encoders
+    "resnet50": dict(_resnet_like("resnet50", "bicubic", "tv_in1k"), train=_RESNET),
+    "densenet121": dict(_resnet_like("densenet121", "bilinear", "tv_in1k"), train=_RESNET),
+    "densenet169": dict(_resnet_like("densenet169", "bilinear", "tv_in1k"), train=_RESNET),
+    "densenet201": dict(_resnet_like("densenet201", "bilinear", "tv_in1k"), train=_RESNET),
+    # the authors' names for RegNets; the encoders are timm's equivalents (pycls's weights)
     "regnety_600m": _regnet("regnety_006"),
     "regnety_800m": _regnet("regnety_008"),
     "regnety_1.6g": _regnet("regnety_016"),
-    "mobilenetv3_large_100": _cascaded("mobilenetv3_large_100", 3, 96, _imagenet_data(), 90),
-    "mobilenetv3_large_125": _cascaded("mobilenetv3_large_125", 3, 128, _imagenet_data(), 90),
+    # Ross Wightman's weights, which the authors' 2019 gen-efficientnet code loaded
+    "mobilenetv3_large_100": _cascaded("mobilenetv3_large_100", 3, 96, _imagenet_data(), 90,
+                                       "ra_in1k", 0.2),
+    "mobilenetv3_large_125": _cascaded("mobilenetv3_large_125", 3, 128, _imagenet_data(), 90,
+                                       None, 0.2),
     "efficientnet_b2": _cascaded("efficientnet_b2", 4, 128,
-                                 _imagenet_data(260, 0.875, "bicubic"), 30),
+                                 _imagenet_data(260, 0.875, "bicubic"), 30, "ra_in1k", 0.3),
     "efficientnet_b3": _cascaded("efficientnet_b3", 4, 128,
-                                 _imagenet_data(300, 0.904, "bicubic"), 30),
+                                 _imagenet_data(300, 0.904, "bicubic"), 30, "ra2_in1k", 0.3),
     # the built-in demo: cluttered MNIST (canvas 100, 8 fragments), a 5-conv CNN, P 32, T 3
     "demo": {
         "model": dict(arch="demo_cnn", num_classes=10, in_chans=1, patch_size=32, max_steps=3,

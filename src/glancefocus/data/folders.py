@@ -70,7 +70,7 @@ def load_image(path, channels: int = 3) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # force the full decode here, so truncation is caught now
-            return _convert(img, "RGB" if channels == 3 else "L")
+            return convert_image(img, "RGB" if channels == 3 else "L")
     except FileNotFoundError:
         raise ImageReadError(f"image file '{path}' does not exist") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError,
@@ -78,7 +78,8 @@ def load_image(path, channels: int = 3) -> Image.Image:
         raise ImageReadError(f"cannot read image file '{path}': {type(exc).__name__}: {exc}") from None
 
 
-def _convert(img: Image.Image, mode: str) -> Image.Image:
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """A PIL image in `mode` ('RGB' or 'L') as load_image converts files (see its docstring)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         img = _to_8bit_gray(img)
     elif img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
@@ -123,7 +124,7 @@ class _MinSize:
 
 
 def build_transforms(config, train: bool, channels: int):
-    """PIL image -> normalised float tensor, the authors' ImageNet recipe (REFERENCE §2).
+    """PIL image -> normalised float tensor, the authors' ImageNet recipe.
 
     train: RandomResizedCrop(image_size) + RandomHorizontalFlip; eval: Resize(resize_size) +
     CenterCrop(image_size); then ToTensor + Normalize(mean, std).

@@ -1,5 +1,5 @@
 """Three-stage GFNet training: warm-up with random patches, PPO for the patch policy, fine-tune
-with the policy's patches (REFERENCE §2). `train(config)` runs them; `glancefocus train` is the
+with the policy's patches (Wang et al., NeurIPS 2020). `train(config)` runs them; `glancefocus train` is the
 command line."""
 from .stages import ALL_STAGES, train
 

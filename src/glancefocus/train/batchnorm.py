@@ -15,7 +15,6 @@ import itertools
 import torch
 from torch import nn
 
-from .faults import restore_buffers, snapshot_buffers
 from .loaders import unpack
 from .runtime import Runtime
 
@@ -39,12 +38,18 @@ def recalibrate_batchnorm(model: nn.Module, loss_module: nn.Module, loader, runt
         norm.momentum = None  # None: a cumulative (plain) average
     for batch in itertools.islice(loader, batches):
         if batch is None:
-            continue
+            continue  # no collective runs here: each process averages its own batches
         images, labels, _ = unpack(batch, runtime, channels_last)
-        saved = snapshot_buffers(model)
+        # only the statistics being averaged, not every buffer of the model
+        saved = [t.clone() for norm in norms for t in _statistics(norm)]
         with runtime.autocast():
             loss, _ = loss_module(images, labels, generator)
-        if not torch.isfinite(loss):
-            restore_buffers(model, saved)  # a batch training skipped must not count here either
+        if not torch.isfinite(loss):  # a batch training skipped must not count here either
+            for value, target in zip(saved, (t for norm in norms for t in _statistics(norm))):
+                target.copy_(value)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
+
+
+def _statistics(norm: nn.Module) -> tuple:
+    return norm.running_mean, norm.running_var, norm.num_batches_tracked

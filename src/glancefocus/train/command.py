@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, deep_merge, load_config, read_config_file
@@ -9,23 +10,37 @@ from ..presets import get_preset
 
 
 def register(subparsers) -> None:
+    from ..cli import HelpFormatter
+
     p = subparsers.add_parser(
         "train", help="train a GFNet: stage 1 warm-up, stage 2 PPO policy, stage 3 fine-tune",
-        description="Train a GFNet in three stages into train.out_dir. Under `torchrun "
+        formatter_class=HelpFormatter,
+        description="Train a GFNet in three stages into train.out_dir: stage 1 trains the "
+                    "encoders and classifier on random patches, stage 2 the patch policy with "
+                    "PPO, stage 3 fine-tunes with the policy's patches. Under `torchrun "
                     "--nproc_per_node N` the same command trains on N processes (DDP).")
     p.add_argument("--config", metavar="FILE",
                    help="YAML run configuration; it may name a base preset as `preset: NAME`")
     p.add_argument("--preset", metavar="NAME",
                    help="a named configuration to start from (see `glancefocus presets`)")
     p.add_argument("--stage", choices=["1", "2", "3", "all"], default="all",
-                   help="which stage to run (default: all three in order)")
+                   help="which stage to run (default: all, the three in order)")
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN/stageN/last.pt where a run stopped")
     p.add_argument("--init", metavar="CKPT",
-                   help="start the first stage run from this checkpoint instead of the previous "
-                        "stage's result in the run folder")
+                   help="start the first stage run from this GFNet checkpoint instead of the "
+                        "previous stage's result in the run folder; it may have another class "
+                        "count (its class-sized layers then start fresh)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="let --init read an authors' *.pth.tar release file (a full pickle, "
+                        "which can run code when loaded): only for files you trust")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run folder that holds checkpoints, replacing them")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved run configuration (and the stage lengths it gives "
+                        "on this data) and exit without training")
     p.add_argument("--save-every", type=int, default=200, metavar="N",
-                   help="stage 2: also write last.pt every N PPO updates (default 200)")
+                   help="stage 2: also write last.pt every N PPO updates (default: 200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.batch_size=64 model.pretrained=true")
@@ -47,12 +62,15 @@ def resolve_config(config_file: Optional[str], preset: Optional[str],
 
 
 def log_to_console() -> None:
-    """Show the training log (INFO and up) on the console, once."""
+    """Show the training log (INFO and up) on the console, on the current sys.stderr (a
+    handler from an earlier call, bound to an older stream, is replaced)."""
     logger = logging.getLogger("glancefocus")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "glancefocus_console", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler()
+    handler.glancefocus_console = True
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
 
@@ -64,9 +82,43 @@ def _cmd_train(args) -> int:
     config = resolve_config(args.config, args.preset, args.overrides)
     if args.save_every < 1:
         raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
+    if args.print_config:
+        print(describe_recipe(config), end="")
+        return 0
     stages = ALL_STAGES if args.stage == "all" else (int(args.stage),)
     log_to_console()
     with logging_redirect_tqdm(loggers=[logging.getLogger("glancefocus")]):
         train(config, stages, resume=args.resume, init=args.init, progress=not args.no_progress,
-              save_every=args.save_every)
+              save_every=args.save_every, trust_pickle=args.trust_pickle, overwrite=args.overwrite)
     return 0
+
+
+def describe_recipe(config: RunConfig) -> str:
+    """The resolved configuration as YAML, then what it gives on its data: classes, images,
+    optimiser steps per stage and stage 2's PPO updates (which follow the dataset's size)."""
+    import yaml
+
+    from ..config import to_dict
+    from ..data import build_datasets
+    from .stages import with_class_count
+
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    try:
+        train_set, _, classes = build_datasets(config.data, config.model.in_chans)
+    except (ValueError, OSError) as exc:
+        return text + f"# the data could not be read, so its sizes are not shown: {exc}\n"
+    config = with_class_count(config, classes)
+    batch = config.train.batch_size
+    steps_per_epoch = math.ceil(len(train_set) / batch)
+    stage2 = config.train.stage2
+    updates = stage2.updates or stage2.epochs * steps_per_epoch
+    lines = [f"model.num_classes: {config.model.num_classes} (the data has {len(classes)} classes)",
+             f"training images: {len(train_set)}, batch {batch}: {steps_per_epoch} steps per epoch",
+             f"stage 1: {config.train.stage1.epochs} epochs = "
+             f"{config.train.stage1.epochs * steps_per_epoch} SGD steps",
+             f"stage 2: {updates} PPO updates" + ("" if stage2.updates else
+                                                  f" ({stage2.epochs} epochs; set "
+                                                  "train.stage2.updates=N to fix the count)"),
+             f"stage 3: {config.train.stage3.epochs} epochs = "
+             f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
+    return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines)

@@ -10,14 +10,18 @@ import torch
 
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig, to_dict
-from .faults import NonFiniteGuard
 from ..interrupts import StopFlag, TrainingInterrupted
+from .faults import NonFiniteGuard
 from .recorder import MetricsRecorder
 from .runtime import Runtime, restore_rng
 from .state import save_stage_checkpoint, stage_folder, training_state
 
 # Cluttered MNIST draws fresh canvases per data epoch: give every stage its own range of them.
 DATA_EPOCHS_PER_STAGE = 1_000_000
+
+STOP_POLL_EVERY = 10
+"""Under torchrun the processes compare their stop flags (a collective) every this many batches
+(stage 2: updates), not after every one; one process looks at its flag after every batch."""
 
 
 @dataclass
@@ -35,6 +39,7 @@ class StageRun:
     stop_flag: StopFlag = field(default_factory=StopFlag)  # raised by SIGINT / SIGTERM
     best_metric: float = -math.inf
     guard: NonFiniteGuard = field(init=False)
+    _polls: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.guard = NonFiniteGuard(self.config.train.max_nonfinite)
@@ -91,6 +96,15 @@ class StageRun:
             return self.stop_flag.requested
         flag = torch.tensor([1.0 if self.stop_flag.requested else 0.0])
         return bool(self.runtime.sum_across_ranks(flag)[0] > 0)
+
+    def stop_poll(self) -> bool:
+        """stop_requested, asked after every batch or update: under torchrun the processes
+        compare flags only at every STOP_POLL_EVERY-th call (they all call it at the same
+        batches, so they agree), and a stop waits for that batch."""
+        self._polls += 1
+        if self.runtime.distributed and self._polls % STOP_POLL_EVERY:
+            return False
+        return self.stop_requested()
 
     def interrupted(self, weights: Optional[Path] = None) -> TrainingInterrupted:
         """The exception that ends the run after the stop signal's checkpoint was written."""

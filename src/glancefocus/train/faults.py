@@ -1,8 +1,14 @@
 """Numerical faults: a non-finite loss skips its optimiser step, and too many stop the run.
 
-A skipped step must leave no trace: its gradients are dropped and the BatchNorm running
-statistics its forward pass updated are put back, so a NaN batch cannot poison the weights
-that the next checkpoint saves.
+A skipped step must leave no trace in what gets saved: its gradients are dropped, and BatchNorm
+running statistics that its forward pass turned non-finite are reset (stages 1 and 3 and the
+static baseline recompute every BatchNorm statistic after each epoch anyway, see batchnorm.py).
+Nothing is copied ahead of a step that turns out fine.
+
+The decision costs no collective. Under torchrun a process decides from its gradients after
+DistributedDataParallel averaged them: a non-finite loss on any process makes the averaged
+gradients non-finite on every process, so all of them skip the same step. One process decides
+from its loss, as it always did.
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ class NonFiniteGuard:
         self.limit = limit
         self.count = count
 
-    def step_is_finite(self, finite: bool, runtime: Runtime, where: str) -> bool:
-        """Whether every process's loss was finite; if not, count one skipped step (and stop
-        the run past the limit). All processes get the same answer, so they skip together."""
-        bad_anywhere = runtime.sum_across_ranks(torch.tensor([0.0 if finite else 1.0]))[0] > 0
-        if not bad_anywhere:
+    def step_is_finite(self, finite, runtime: Runtime, where: str) -> bool:
+        """Whether to take the step; if not, count one skipped step (and stop the run past the
+        limit). `finite` (a bool or a 0-dim tensor) must come from step_finite so that every
+        process gets the same answer and they skip together. Reading it is the step's one wait
+        for the device, and no collective."""
+        if bool(finite):
             return True
         self.count += 1
         log.warning("non-finite loss at %s: step skipped (%d so far, train.max_nonfinite=%d)",
@@ -44,8 +51,39 @@ class NonFiniteGuard:
         return False
 
 
+def step_finite(loss: torch.Tensor, module: nn.Module, runtime: Runtime) -> torch.Tensor:
+    """A 0-dim bool tensor on the device: whether the step may be taken. Under torchrun it looks
+    at the gradients `module`'s DistributedDataParallel wrapper averaged, the same numbers on
+    every process; otherwise at the loss."""
+    if not runtime.distributed:
+        return torch.isfinite(loss.detach()).all()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.isfinite(loss.detach()).all()
+    # one norm over all gradients: inf or NaN as soon as one element is
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.isfinite(norm)
+
+
+def reset_nonfinite_batchnorm(module: nn.Module) -> int:
+    """After a skipped step: reset the BatchNorm layers whose running statistics are no longer
+    finite (their next recomputation fills them in again); returns how many were reset."""
+    reset = 0
+    for norm in module.modules():
+        if _tracks_statistics(norm) and not (torch.isfinite(norm.running_mean).all()
+                                             and torch.isfinite(norm.running_var).all()):
+            norm.reset_running_stats()
+            reset += 1
+    return reset
+
+
+def _tracks_statistics(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+
+
 def snapshot_buffers(module: nn.Module) -> list[torch.Tensor]:
-    """Copies of the module's buffers (BatchNorm running statistics), to undo a skipped step."""
+    """Copies of the module's buffers (BatchNorm running statistics), to undo a forward pass
+    (only where it is known in advance to be undone, e.g. a stand-in batch's)."""
     return [buffer.detach().clone() for buffer in module.buffers()]
 
 

@@ -1,4 +1,5 @@
-"""What trains in each stage, its optimiser and its learning-rate schedule (REFERENCE §2).
+"""What trains in each stage, its optimiser and its learning-rate schedule (the authors'
+train.py).
 
 Frozen parts get requires_grad=False and stay in eval mode, so neither their weights nor their
 BatchNorm running statistics move.
@@ -20,10 +21,20 @@ def frozen_parts(model, stage: int, stage_config) -> list[nn.Module]:
     return frozen
 
 
+def trains_new_glance_head(model, stage: int, stage_config) -> bool:
+    """Stages 1 and 3: a frozen glance encoder whose own head is new (another class count,
+    random or local weights without a head) still trains that head, which predicts the glance
+    of cascaded models and is a deep-supervision head; left untrained, step 1 stays at chance."""
+    return (stage != 2 and not stage_config.train_glance_encoder
+            and not model.pretrained_glance_head)
+
+
 def freeze_for_stage(model, stage: int, stage_config) -> None:
     model.requires_grad_(True)
     for part in frozen_parts(model, stage, stage_config):
         part.requires_grad_(False)
+    if trains_new_glance_head(model, stage, stage_config):
+        model.glance_encoder.head.requires_grad_(True)
 
 
 def set_train_modes(model, stage: int, stage_config) -> None:
@@ -31,6 +42,24 @@ def set_train_modes(model, stage: int, stage_config) -> None:
     model.train()
     for part in frozen_parts(model, stage, stage_config):
         part.eval()
+    if trains_new_glance_head(model, stage, stage_config):
+        model.glance_encoder.head.train()
+
+
+def describe_training(model, stage: int, stage_config) -> str:
+    """Which parts of the model train in `stage`, and which stay frozen, in one line."""
+    if stage == 2:
+        return "stage 2 trains: the patch policy (PPO); frozen: both encoders, the classifier"
+    trained = ["focus encoder", "classifier"]
+    frozen = ["patch policy"]
+    if stage_config.train_glance_encoder:
+        trained.insert(0, "glance encoder")
+    elif trains_new_glance_head(model, stage, stage_config):
+        trained.append("the glance encoder's new head (at the classifier's learning rate)")
+        frozen.insert(0, "the rest of the glance encoder")
+    else:
+        frozen.insert(0, "glance encoder (with its pretrained head)")
+    return f"stage {stage} trains: {', '.join(trained)}; frozen: {', '.join(frozen)}"
 
 
 def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.optim.SGD:
@@ -44,11 +73,18 @@ def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.o
                            nesterov=True, weight_decay=stage_config.weight_decay)
 
 
-def gfnet_sgd(model, stage_config) -> torch.optim.SGD:
-    """backbone_lr for both encoders (with their own heads), classifier_lr for the classifier."""
-    encoders = list(model.glance_encoder.parameters()) + list(model.focus_encoder.parameters())
+def gfnet_sgd(model, stage: int, stage_config) -> torch.optim.SGD:
+    """backbone_lr for both encoders (with their own heads), classifier_lr for the classifier
+    and for a new head on a frozen glance encoder."""
+    heads = []
+    if trains_new_glance_head(model, stage, stage_config):
+        heads = list(model.glance_encoder.head.parameters())
+    in_heads = {id(p) for p in heads}
+    encoders = [p for p in list(model.glance_encoder.parameters()) + list(model.focus_encoder.parameters())
+                if id(p) not in in_heads]
     return sgd([(encoders, stage_config.backbone_lr),
-                (list(model.classifier.parameters()), stage_config.classifier_lr)], stage_config)
+                (list(model.classifier.parameters()) + heads, stage_config.classifier_lr)],
+               stage_config)
 
 
 def set_cosine_lr(optimizer: torch.optim.Optimizer, epoch: int, epochs: int) -> None:

@@ -1,8 +1,10 @@
 """Stage 2: train the patch policy with PPO, one update per batch.
 
 Encoders and classifier are frozen in eval mode. Every update is logged (RUN/stage2/metrics.csv:
-reward per focus step, approx KL, clip fraction, explained variance, entropy, value and policy
-loss, accuracy per step with the sampled locations); the policy is evaluated with its mean
+reward per focus step (reward_focus_1 is the first focus, the glance has none), approx KL and clip
+fraction of the updated policy against the collecting one, explained variance, entropy, value and
+policy loss, accuracy per step with the sampled locations (accuracy_1 is the glance), all over
+every process's batch); the policy is evaluated with its mean
 locations at the end of each epoch (RUN/stage2/eval.csv). last.pt is written every
 `save_every` updates and at each epoch end, so a resumed run restarts mid-epoch exactly.
 """
@@ -17,11 +19,17 @@ from tqdm import tqdm
 from .context import StageRun
 from .diagnosis import explain_rewards
 from .evaluation import evaluate_anytime
-from .loaders import (batches_per_epoch, check_bad_files, make_loader, per_process_batch,
-                      unpack)
+from .loaders import (
+    StandIn,
+    batches_per_epoch,
+    check_bad_files,
+    make_loader,
+    per_process_batch,
+    unpack,
+)
 from .optim import freeze_for_stage, set_train_modes
 from .ppo import PPOLoss, collect_rollout, ppo_update
-from .runtime import STREAM_GLOBAL, STREAM_PPO, derive_seed, seed_everything
+from .runtime import STREAM_GLOBAL, STREAM_PPO
 from .supervised import format_steps
 
 log = logging.getLogger("glancefocus.train")
@@ -55,19 +63,25 @@ def run_policy_stage(run: StageRun) -> list[dict]:
         loader = make_loader(run.train_set, batch_size, runtime, seed=run.seed,
                              epoch=run.data_epoch(epoch), shuffle=True,
                              num_workers=config.data.num_workers, skip_batches=position)
+        stand_in = StandIn(loader.dataset)
         for batch in loader:
-            # everything random in an update follows from (seed, update): resume is exact
-            seed_everything(derive_seed(run.seed, STREAM_GLOBAL, 2, update))
+            # everything random in an update follows from (seed, update, rank): resume is exact
+            runtime.seed_process(run.seed, STREAM_GLOBAL, 2, update)
             set_train_modes(model, 2, stage_config)
             stats = {}
+            weight = 1.0
+            if batch is None and runtime.distributed:
+                # every file of this process's batch was unreadable: the others need it in the
+                # update's collectives, with nothing of its own to add
+                batch, weight = stand_in.get(), 0.0
             if batch is not None:  # None: every file of the batch was unreadable
                 images, labels, _ = unpack(batch, runtime, config.train.channels_last)
                 rollout = collect_rollout(model, images, labels, runtime,
                                           runtime.generator(run.seed, STREAM_PPO, update),
                                           config.train.micro_batch)
                 stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
-                                   where=f"stage 2 update {update + 1}")
-                warning = explain_rewards(rollout, model.config.num_classes)
+                                   where=f"stage 2 update {update + 1}", weight=weight)
+                warning = explain_rewards(rollout, model.config.num_classes) if weight else None
                 if warning and runtime.is_main and update - last_warning >= WARN_EVERY:
                     log.warning("update %d: %s", update + 1, warning)
                     last_warning = update
@@ -75,16 +89,17 @@ def run_policy_stage(run: StageRun) -> list[dict]:
             recorder.write(update, stats)
             history.append(stats)
             if stats and not bar.disable:
-                bar.set_postfix_str(f"reward {format_rewards(stats['reward'])} "
+                bar.set_postfix_str(f"reward {format_rewards(stats['reward_focus'])} "
                                     f"acc {format_steps(stats['accuracy'])}")
             bar.update(1)
+            stop = run.stop_poll()
             if update % per_epoch == 0 or update == total:
                 check_bad_files(run.train_set)
                 _evaluate_and_save(run, optimizer, update, total, update // per_epoch, eval_recorder)
-            elif update % run.save_every == 0 or run.stop_requested():
+            elif update % run.save_every == 0 or stop:
                 # a stop signal saves here too: resume restarts mid-epoch exactly at `update`
                 run.save(optimizer, epoch=update // per_epoch, update=update, finished=False)
-            if run.stop_requested():
+            if stop:
                 bar.close()
                 raise run.interrupted()
             if update >= total:

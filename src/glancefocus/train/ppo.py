@@ -1,19 +1,24 @@
-"""Stage 2: PPO on the patch policy alone (REFERENCE §2).
+"""Stage 2: PPO on the patch policy alone (the paper's reward and the authors'
+settings).
 
 One update: the frozen model looks at a batch with locations sampled from the policy (the
 rollout); the reward of focus step t is p_t(y) - p_(t-1)(y), the gain in the softmax probability
-of the true class; discounted returns are normalised over the batch and steps; then ppo_epochs
-gradient steps on the clipped objective, each on the whole batch.
+of the true class; discounted returns are normalised over the batch and steps (under torchrun:
+over the whole batch of every process, as with one process); then ppo_epochs gradient steps on
+the clipped objective, each on the whole batch. The logged approx KL and clip fraction compare
+the policy after those steps with the one that collected the rollout, so they show how far an
+update moved it (measured before the first step, they would always be 0).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .faults import NonFiniteGuard
+from .faults import NonFiniteGuard, step_finite
 from .runtime import Runtime
 
 
@@ -76,9 +81,29 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return returns
 
 
-def normalise(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit std over all elements (all-equal values become zeros, not NaN)."""
-    return (values - values.mean()) / (values.std(unbiased=False) + eps)
+def normalise(values: torch.Tensor, eps: float = 1e-8, runtime: Optional[Runtime] = None,
+              included: bool = True) -> torch.Tensor:
+    """Zero mean, unit std over all elements (all-equal values become zeros, not NaN).
+
+    Under torchrun the mean and std are those of every process's values together (one
+    all-reduce of their sum, sum of squares and count, in float64); `included=False` leaves this
+    process's values out of them (a stand-in batch)."""
+    if runtime is None or not runtime.distributed:
+        return (values - values.mean()) / (values.std(unbiased=False) + eps)
+    flat = values.detach().double()
+    local = torch.stack([flat.sum(), flat.square().sum(),
+                         torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)])
+    total, squares, count = _sum_included(local, runtime, included).to(values.device)
+    count = count.clamp(min=1.0)
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0.0).sqrt()
+    return ((values - mean) / (std + eps)).to(values.dtype)
+
+
+def _sum_included(local: torch.Tensor, runtime: Runtime, included: bool) -> torch.Tensor:
+    """The sum over the processes of `local`, with zeros in its place when not `included`
+    (not a multiplication by 0: a stand-in's NaN must not spread)."""
+    return runtime.sum_across_ranks(local if included else torch.zeros_like(local))
 
 
 class PPOLoss(nn.Module):
@@ -92,21 +117,14 @@ class PPOLoss(nn.Module):
     def forward(self, states, actions, old_log_probs, returns):
         log_probs, values, entropy = self.policy.evaluate(states, actions)
         advantages = returns - values.detach()
-        log_ratio = log_probs - old_log_probs
-        ratio = log_ratio.exp()
+        ratio = (log_probs - old_log_probs).exp()
         clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
         pg_loss = -torch.min(ratio * advantages, clipped * advantages).mean()
         v_loss = F.mse_loss(values, returns)
         entropy_loss = entropy.mean()
         loss = pg_loss + self.value_coef * v_loss - self.entropy_coef * entropy_loss
-        with torch.no_grad():
-            stats = {
-                "policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(),
-                "entropy": entropy_loss.detach(),
-                # the low-variance estimator of KL(old || new) (CleanRL's approx_kl)
-                "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                "clip_fraction": ((ratio - 1).abs() > self.clip).float().mean(),
-            }
+        stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(),
+                 "entropy": entropy_loss.detach()}
         return loss, stats
 
 
@@ -119,19 +137,87 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def ppo_update(ppo_loss: nn.Module, optimizer, rollout: Rollout, stage_config, runtime: Runtime,
-               guard: NonFiniteGuard, where: str) -> dict:
-    """ppo_epochs gradient steps on the batch; returns the update's statistics."""
-    returns = normalise(discounted_returns(rollout.rewards, stage_config.gamma))
-    stats: dict = {}
+               guard: NonFiniteGuard, where: str, weight: float = 1.0) -> dict:
+    """ppo_epochs gradient steps on the batch; returns the update's statistics, over every
+    process's batch ({} when no process had one).
+
+    weight 0: a stand-in batch (this process's files were all unreadable): it takes part in
+    every collective but adds nothing to the gradients or the statistics."""
+    included = weight > 0
+    returns = normalise(discounted_returns(rollout.rewards, stage_config.gamma), runtime=runtime,
+                        included=included)
+    losses: dict = {}
     for _ in range(stage_config.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        loss, stats = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
-        loss.backward()
-        if guard.step_is_finite(bool(torch.isfinite(loss)), runtime, where):
+        loss, losses = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
+        (loss if weight == 1.0 else loss * weight).backward()
+        if guard.step_is_finite(step_finite(loss * weight, ppo_loss, runtime), runtime, where):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    result = {name: float(value) for name, value in stats.items()}
-    result["explained_variance"] = explained_variance(rollout.values, returns)
-    result["reward"] = rollout.rewards.mean(1).tolist()
-    result["accuracy"] = (rollout.correct.float().mean(1) * 100).tolist()
+    moved = _policy_movement(_unwrapped(ppo_loss), rollout)
+    return _update_statistics({**losses, **moved}, rollout, returns, runtime, included)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # DistributedDataParallel keeps it as .module
+
+
+@torch.no_grad()
+def _policy_movement(loss_module: PPOLoss, rollout: Rollout) -> dict:
+    """How far the update moved the policy on the rollout's own states and actions."""
+    log_probs, _, _ = loss_module.policy.evaluate(rollout.states, rollout.actions)
+    log_ratio = log_probs - rollout.log_probs
+    ratio = log_ratio.exp()
+    return {
+        # the low-variance estimator of KL(old || new) (CleanRL's approx_kl)
+        "approx_kl": ((ratio - 1) - log_ratio).mean(),
+        "clip_fraction": ((ratio - 1).abs() > loss_module.clip).float().mean(),
+    }
+
+
+def _update_statistics(means: dict, rollout: Rollout, returns: torch.Tensor, runtime: Runtime,
+                       included: bool) -> dict:
+    """The logged statistics, over every process's batch: one all-reduce of this process's
+    sums (nothing from a stand-in batch)."""
+    if not runtime.distributed:
+        if not included:
+            return {}
+        result = {name: float(value) for name, value in means.items()}
+        result["explained_variance"] = explained_variance(rollout.values, returns)
+        result["reward_focus"] = rollout.rewards.mean(1).tolist()
+        result["accuracy"] = (rollout.correct.float().mean(1) * 100).tolist()
+        return result
+    names = sorted(means)
+    batch = rollout.rewards.shape[1]
+    local = torch.cat([
+        torch.tensor([float(batch)], device=returns.device, dtype=torch.float64),
+        torch.stack([means[name].detach().double() * batch for name in names]),
+        rollout.rewards.double().sum(1), rollout.correct.double().sum(1),
+        _variance_sums(returns, rollout.values),
+    ])
+    totals = _sum_included(local, runtime, included).tolist()
+    count, totals = totals[0], totals[1:]
+    if count == 0:
+        return {}
+    steps = rollout.rewards.shape[0]
+    result = {name: value / count for name, value in zip(names, totals)}
+    totals = totals[len(names):]
+    result["reward_focus"] = [v / count for v in totals[:steps]]
+    result["accuracy"] = [v * 100 / count for v in totals[steps:2 * steps + 1]]
+    result["explained_variance"] = _explained_from_sums(*totals[2 * steps + 1:])
     return result
+
+
+def _variance_sums(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sums from which the explained variance of the whole batch follows (float64)."""
+    returns, residual = returns.double(), (returns - values).double()
+    return torch.stack([returns.sum(), returns.square().sum(), residual.sum(), residual.square().sum(),
+                        torch.tensor(float(returns.numel()), dtype=torch.float64, device=returns.device)])
+
+
+def _explained_from_sums(total, squares, residual, residual_squares, count) -> float:
+    count = max(count, 1.0)
+    variance = squares / count - (total / count) ** 2
+    if variance <= 0:
+        return float("nan")
+    return 1 - (residual_squares / count - (residual / count) ** 2) / variance

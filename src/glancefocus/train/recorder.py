@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 from pathlib import Path
 from typing import Optional
+
+from ..atomic import write_failure, write_text
 
 log = logging.getLogger("glancefocus.train")
 
@@ -35,7 +38,10 @@ class MetricsRecorder:
         self.writer = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failure(self.path.parent, exc) from None
         self._keep_rows_up_to(resume_at)
         self.writer = _tensorboard_writer(Path(folder) / "tensorboard" / self.path.stem)
 
@@ -46,10 +52,11 @@ class MetricsRecorder:
         with open(self.path, newline="") as handle:
             reader = csv.DictReader(handle)
             fields, rows = reader.fieldnames, list(reader)
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(row for row in rows if int(row[self.index_name]) <= last)
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(row for row in rows if int(row[self.index_name]) <= last)
+        write_text(self.path, kept.getvalue())  # atomically: the old rows survive a failure
 
     def write(self, index: int, metrics: dict) -> None:
         if not self.enabled:
@@ -65,11 +72,14 @@ class MetricsRecorder:
     def _append(self, row: dict) -> None:
         new_file = not self.path.exists()
         fields = list(row) if new_file else _header(self.path)
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        try:
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as exc:
+            raise write_failure(self.path, exc) from None
 
     def close(self) -> None:
         if self.writer is not None:

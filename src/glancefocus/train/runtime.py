@@ -22,7 +22,7 @@ from ..data.cluttered_mnist import derive_seed
 # Random streams, kept apart so that adding draws to one never shifts another.
 STREAM_GLOBAL, STREAM_LOCATIONS, STREAM_PPO, STREAM_EVAL, STREAM_BATCHNORM, STREAM_INIT = (
     11, 12, 13, 14, 15, 16)
-STREAM_WORKERS, STREAM_STATIC = 21, 31
+STREAM_WORKERS, STREAM_STATIC, STREAM_AUGMENT = 21, 31, 41
 
 
 @dataclass
@@ -51,6 +51,11 @@ class Runtime:
         if self.amp_dtype == torch.float16:
             return torch.amp.GradScaler(self.device.type)
         return None
+
+    def seed_process(self, *parts: int) -> None:
+        """Seed this process's global RNGs (dropout, drop-path) from `parts` and its rank: under
+        torchrun every process draws its own, and a resumed run the same ones again."""
+        seed_everything(derive_seed(*parts, self.rank))
 
     def generator(self, *parts: int) -> torch.Generator:
         """A generator on this run's device, seeded from `parts` and this process's rank."""
@@ -83,6 +88,12 @@ class Runtime:
         if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
             raise RuntimeError("the processes' weights differ after training: gradients were not "
                                "synchronised")
+
+    def counters(self, size: int) -> torch.Tensor:
+        """Zeroed running totals on the device: a step adds to them without waiting for the
+        device; they are read when logged (float64 where the device has it)."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        return torch.zeros(size, dtype=dtype, device=self.device)
 
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over all processes (a copy; the input is left alone)."""

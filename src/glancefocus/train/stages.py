@@ -1,4 +1,5 @@
-"""Run the three GFNet training stages on one run folder (REFERENCE §2).
+"""Run the three GFNet training stages on one run folder (the paper's recipe, as
+the authors' train.py runs it).
 
 Each stage starts from the previous stage's result in the run folder (stage 2 from
 RUN/stage1/last.pt, stage 3 from RUN/stage2/last.pt), or from `init`, a checkpoint given for the
@@ -17,13 +18,19 @@ import torch
 
 from ..config import RunConfig, to_dict
 from ..data import build_datasets
+from ..interrupts import TrainingInterrupted, stop_on_signals
 from ..model import GlanceFocusNet
 from .context import StageRun
-from ..interrupts import TrainingInterrupted, stop_on_signals
+from .optim import describe_training
 from .policy_stage import run_policy_stage
-from .runtime import (STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime,
-                      stop_runtime)
-from .state import check_same_run, last_checkpoint, load_weights, write_run_config
+from .runtime import STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime, stop_runtime
+from .state import (
+    check_same_run,
+    last_checkpoint,
+    load_initial_weights,
+    load_weights,
+    write_run_config,
+)
 from .supervised_stage import run_supervised_stage
 
 log = logging.getLogger("glancefocus.train")
@@ -33,12 +40,14 @@ ALL_STAGES = (1, 2, 3)
 
 def train(config: RunConfig, stages: Sequence[int] = ALL_STAGES, resume: bool = False,
           init: Optional[str] = None, *, datasets=None, progress: bool = True,
-          save_every: int = 200,
+          save_every: int = 200, trust_pickle: bool = False, overwrite: bool = False,
           on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> dict[int, list[dict]]:
     """Train `stages` in order; returns each stage's metrics (per epoch; stage 2: per update).
 
     datasets: (train, eval, class_names) to use instead of building them from config.data.
     save_every: stage 2 also writes last.pt every this many updates.
+    trust_pickle: `init` may be an authors' release file (a full pickle).
+    overwrite: start again over the checkpoints of a run folder (without it that is refused).
     on_checkpoint(stage, training_state): called after every checkpoint is written.
     """
     _check_stages(config, stages)
@@ -46,35 +55,64 @@ def train(config: RunConfig, stages: Sequence[int] = ALL_STAGES, resume: bool = 
     if resume and not any(last_checkpoint(out_dir, s).exists() for s in stages):
         raise FileNotFoundError(f"--resume: '{out_dir}' holds no checkpoint of stage(s) "
                                 f"{', '.join(map(str, stages))} to resume")
-    _starting_point(config, stages[0], resume, init)  # fail before writing anything
+    # fail before writing anything
+    _refuse_overwrite(config, stages, resume, overwrite)
+    _starting_point(config, stages[0], resume, init)
+    train_set, eval_set, classes = datasets or build_datasets(config.data, config.model.in_chans)
+    config = with_class_count(config, classes)
     runtime = start_runtime(config.train.device, config.train.amp)
     # SIGINT / SIGTERM only raise a flag: the stages save and raise TrainingInterrupted
     with stop_on_signals() as stop_flag:
         try:
-            return _train_stages(config, stages, resume, init, datasets, progress, save_every,
-                                 on_checkpoint, runtime, stop_flag)
+            return _train_stages(config, stages, resume, init, (train_set, eval_set, classes),
+                                 progress, save_every, trust_pickle, on_checkpoint, runtime,
+                                 stop_flag)
         finally:
             stop_runtime(runtime)
 
 
-def _train_stages(config, stages, resume, init, datasets, progress, save_every, on_checkpoint,
-                  runtime, stop_flag) -> dict[int, list[dict]]:
-    """train()'s body, with the runtime started and the stop signals handled."""
-    out_dir = config.train.out_dir
-    train_set, eval_set, classes = datasets or build_datasets(config.data, config.model.in_chans)
+def with_class_count(config: RunConfig, classes: Sequence[str]) -> RunConfig:
+    """`config` with model.num_classes read from the data when unset; checked when set."""
+    if config.model.num_classes is None:
+        model = dataclasses.replace(config.model, num_classes=len(classes))
+        return dataclasses.replace(config, model=model)
     if len(classes) != config.model.num_classes:
         raise ValueError(f"the data has {len(classes)} classes but model.num_classes is "
-                         f"{config.model.num_classes}; set model.num_classes={len(classes)}")
-    if runtime.is_main:
-        write_run_config(out_dir, to_dict(config))
+                         f"{config.model.num_classes}; set model.num_classes={len(classes)} "
+                         "(or leave it unset to read it from the data)")
+    return config
+
+
+def _refuse_overwrite(config: RunConfig, stages: Sequence[int], resume: bool,
+                      overwrite: bool) -> None:
+    """A run folder's checkpoints are replaced only when asked (--overwrite)."""
+    if overwrite:
+        return
+    for stage in stages:
+        last = last_checkpoint(config.train.out_dir, stage)
+        if last.exists() and not resume:
+            raise ValueError(
+                f"'{last}' exists: train.out_dir='{config.train.out_dir}' holds a run. Continue "
+                "it with --resume, start it again with --overwrite, or choose another "
+                "train.out_dir")
+
+
+def _train_stages(config, stages, resume, init, datasets, progress, save_every, trust_pickle,
+                  on_checkpoint, runtime, stop_flag) -> dict[int, list[dict]]:
+    """train()'s body, with the runtime started and the stop signals handled."""
+    out_dir = config.train.out_dir
+    train_set, eval_set, classes = datasets
     history = {}
     for position, stage in enumerate(stages):
         # between stages the previous one is saved (under torchrun the stage loops decide together)
         if stop_flag.requested and position > 0 and not runtime.distributed:
             raise TrainingInterrupted(stop_flag.signum,
                                       last_checkpoint(out_dir, stages[position - 1]))
+        # the first model is built (its pretrained weights fetched) before anything is written
         model, resume_state = _prepare_model(config, stage, runtime, resume,
-                                             init if position == 0 else None)
+                                             init if position == 0 else None, trust_pickle)
+        if position == 0 and runtime.is_main:
+            write_run_config(out_dir, to_dict(config))
         model.class_names = list(classes)
         run = StageRun(stage, config, model, train_set, eval_set, runtime, resume_state,
                        progress, save_every, on_checkpoint, stop_flag)
@@ -117,16 +155,22 @@ def _starting_point(config: RunConfig, stage: int, resume: bool, init: Optional[
 
 
 def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool,
-                   init: Optional[str]):
+                   init: Optional[str], trust_pickle: bool = False):
     """The stage's model on the run's device, and the training state to resume (or None)."""
     kind, path = _starting_point(config, stage, resume, init)
     seed_everything(derive_seed(config.train.seed, STREAM_INIT, stage))  # the initial weights
     # only a fresh stage 1 needs model.pretrained; every other start loads a checkpoint
     model = GlanceFocusNet(config.model if kind == "fresh"
-                           else dataclasses.replace(config.model, pretrained=False))
+                           else dataclasses.replace(config.model, pretrained=False,
+                                                    pretrained_glance=None))
     resume_state = None
-    if path is not None:
-        data = load_weights(model, path, config.model)
+    if kind == "init":
+        fresh = load_initial_weights(model, path, trust_pickle)
+        if runtime.is_main:
+            log.info("stage %d: starting from %s%s", stage, path,
+                     f"; new classes, so these layers start fresh: {', '.join(fresh)}" if fresh else "")
+    elif path is not None:
+        data = load_weights(model, path, config.model, trust_pickle)
         if kind == "resume":
             check_same_run(data["config"], to_dict(config), path)
             resume_state = data["training"]
@@ -136,10 +180,8 @@ def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool
         if runtime.is_main:
             log.info("stage %d: %s %s", stage,
                      "resuming from" if kind == "resume" else "starting from", path)
-    last = last_checkpoint(config.train.out_dir, stage)
-    if kind != "resume" and last.exists() and runtime.is_main:
-        log.warning("stage %d: '%s' exists and will be overwritten (use --resume to continue it)",
-                    stage, last)
+    if runtime.is_main:
+        log.info(describe_training(model, stage, getattr(config.train, f"stage{stage}")))
     model.to(runtime.device)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)

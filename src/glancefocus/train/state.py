@@ -16,14 +16,25 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from torch import nn
+
 from ..atomic import write_atomic, write_text
-from ..checkpoint import check_compatible, load_state_checked, read_checkpoint, save_checkpoint
+from ..checkpoint import (
+    FORMAT,
+    CheckpointError,
+    check_compatible,
+    load_state_checked,
+    model_from_checkpoint_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..config import ConfigError
 from .runtime import capture_rng
 
 MAY_DIFFER_ON_RESUME = frozenset(
     [f"train.stage{n}.{key}" for n in (1, 2, 3) for key in ("epochs", "updates")]
-    + ["data.num_workers", "train.out_dir", "model.pretrained"])
+    + ["data.num_workers", "train.out_dir", "model.pretrained", "model.pretrained_tag",
+       "model.pretrained_glance"])
 
 
 def stage_folder(out_dir, stage: int) -> Path:
@@ -63,12 +74,48 @@ def write_run_config(out_dir, config_dict: dict) -> None:
     write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
 
 
-def load_weights(model, path, model_config) -> dict:
-    """Load a native checkpoint's weights into `model` after checking it fits; its raw dict."""
-    data = read_checkpoint(path)
+def load_weights(model, path, model_config, trust_pickle: bool = False) -> dict:
+    """Load a checkpoint of this run (resume, previous stage) into `model`; its raw dict."""
+    data = read_checkpoint(path, trust_pickle=trust_pickle)
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"'{path}' is an authors' release file, not a checkpoint of this run")
     check_compatible(data, model_config, path)
     load_state_checked(model, data["state_dict"], path)
+    model.pretrained_glance_head = bool(data.get("pretrained_glance_head", False))
     return data
+
+
+def load_initial_weights(model, path, trust_pickle: bool = False) -> list[str]:
+    """Start `model` from a GFNet checkpoint (native or, with trust_pickle, an authors' file),
+    possibly made for another class set: encoders, policy and the classifier's recurrent state
+    carry over; when the class counts differ every class-sized layer (the classifier's output
+    layers, both encoders' own heads) keeps its fresh initialisation. Returns those layers."""
+    source = model_from_checkpoint_dict(read_checkpoint(path, trust_pickle=trust_pickle), path)
+    for field in ("arch", "patch_size", "max_steps", "classifier", "in_chans"):
+        ours, theirs = getattr(model.config, field), getattr(source.config, field)
+        if ours != theirs:
+            raise CheckpointError(f"--init: '{path}' was made for model.{field}={theirs!r}, but "
+                                  f"this run has model.{field}={ours!r}")
+    state = source.state_dict()
+    same_classes = source.config.num_classes == model.config.num_classes
+    fresh = [] if same_classes else class_sized_layers(model)
+    own = model.state_dict()
+    for layer in fresh:
+        for key in [k for k in state if k.startswith(layer + ".")]:
+            state[key] = own[key]
+    load_state_checked(model, state, path)
+    model.pretrained_glance_head = same_classes and source.pretrained_glance_head
+    return fresh
+
+
+def class_sized_layers(model) -> list[str]:
+    """Names of the layers whose output is one value per class."""
+    heads = [f"{name}.backbone.{head}" for name in ("glance_encoder", "focus_encoder")
+             for head, module in getattr(model, name).backbone.named_modules()
+             if module is getattr(model, name).head and head]
+    outputs = [f"classifier.{name}" for name, module in model.classifier.named_children()
+               if isinstance(module, nn.Linear)]
+    return heads + outputs
 
 
 def check_same_run(stored: dict, current: dict, path) -> None:

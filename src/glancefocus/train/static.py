@@ -8,13 +8,19 @@ import logging
 import torch
 
 from ..encoder import create_backbone
-from .context import DATA_EPOCHS_PER_STAGE
 from .batchnorm import recalibrate_batchnorm
+from .context import DATA_EPOCHS_PER_STAGE
 from .faults import NonFiniteGuard
 from .loaders import make_loader, per_process_batch, unpack
 from .optim import set_cosine_lr, sgd
-from .runtime import (STREAM_GLOBAL, STREAM_INIT, STREAM_STATIC, Runtime, derive_seed,
-                      seed_everything)
+from .runtime import (
+    STREAM_GLOBAL,
+    STREAM_INIT,
+    STREAM_STATIC,
+    Runtime,
+    derive_seed,
+    seed_everything,
+)
 from .supervised import StaticLoss, train_epoch
 
 log = logging.getLogger("glancefocus.train")
@@ -26,6 +32,7 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     seed_everything(derive_seed(config.train.seed, STREAM_INIT, STREAM_STATIC))
     backbone = create_backbone(model_config.arch, num_classes=model_config.num_classes,
                                in_chans=model_config.in_chans, pretrained=model_config.pretrained,
+                               pretrained_tag=model_config.pretrained_tag,
                                **model_config.encoder_kwargs).to(runtime.device)
     if config.train.channels_last:
         backbone.to(memory_format=torch.channels_last)
@@ -37,7 +44,7 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     scaler = runtime.grad_scaler()
     history = []
     for epoch in range(stage_config.epochs):
-        seed_everything(derive_seed(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch))
+        runtime.seed_process(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch)
         set_cosine_lr(optimizer, epoch, stage_config.epochs)
         backbone.train()
         # the canvases stage 1 saw in this epoch, in the same order

@@ -13,8 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .faults import NonFiniteGuard, restore_buffers, snapshot_buffers
-from .loaders import micro_batches, unpack
+from .faults import (
+    NonFiniteGuard,
+    reset_nonfinite_batchnorm,
+    restore_buffers,
+    snapshot_buffers,
+    step_finite,
+)
+from .loaders import StandIn, micro_batches, unpack
 from .runtime import Runtime
 
 
@@ -52,6 +58,11 @@ class StaticLoss(nn.Module):
         return F.cross_entropy(logits.float(), labels), logits.detach()[None]
 
 
+LOG_EVERY = 20
+"""The progress bar reads the device's running totals every this many batches (a wait for the
+device each time), not at every batch."""
+
+
 def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, runtime: Runtime,
                 guard: NonFiniteGuard, *, steps: int, micro_batch: int = 0, channels_last: bool = False,
                 scaler=None, generator: Optional[torch.Generator] = None,
@@ -59,54 +70,79 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
     """One pass over `loader`: accumulate micro-batches, step once per batch.
 
     Returns the mean loss, the training accuracy of each of the `steps` steps (percent) and the
-    skipped steps. `model` is the module whose buffers a skipped step restores.
+    skipped steps. `model` is the module whose BatchNorm statistics a skipped step resets.
+    The running totals stay on the device; a step waits for it only to decide whether its loss
+    was finite (see faults.py) and the progress bar every LOG_EVERY batches.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros(steps, dtype=torch.float64)
-    count, skipped_before = 0, guard.count
+    totals = runtime.counters(2 + steps)  # loss sum, images counted, correct per step
+    skipped_before = guard.count
+    stand_in = StandIn(getattr(loader, "dataset", None))
     bar = tqdm(loader, desc=description, disable=not (progress and runtime.is_main),
                leave=False, dynamic_ncols=True)
-    for batch in bar:
-        if batch is None:
-            continue  # every file of the batch was unreadable
+    for position, batch in enumerate(bar):
+        weight = 1.0
+        if batch is None:  # every file of the batch was unreadable
+            if not runtime.distributed:
+                continue
+            batch, weight = stand_in.get(), 0.0  # the others need this process in the step
         images, labels, _ = unpack(batch, runtime, channels_last)
-        saved = snapshot_buffers(model)
-        optimizer.zero_grad(set_to_none=True)
-        parts = micro_batches(images, labels, micro_batch)
-        batch_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        batch_correct = torch.zeros(steps, dtype=torch.float64)
-        for index, (x, y) in enumerate(parts):
-            # gradients are synced across processes once, after the last micro-batch
-            last = index == len(parts) - 1
-            sync = contextlib.nullcontext() if last or not runtime.distributed else loss_module.no_sync()
-            with sync:
-                with runtime.autocast():
-                    loss, logits = loss_module(x, y, generator)
-                share = loss * (x.shape[0] / images.shape[0])  # the mean over the whole batch
-                (scaler.scale(share) if scaler is not None else share).backward()
-            batch_loss += loss.detach().double() * x.shape[0]
-            batch_correct += (logits.argmax(-1) == y).sum(1).cpu()
-        if not guard.step_is_finite(bool(torch.isfinite(batch_loss)), runtime, description):
-            restore_buffers(model, saved)
+        saved = snapshot_buffers(model) if weight == 0.0 else None
+        batch_totals = _train_step(loss_module, images, labels, optimizer, runtime, steps,
+                                   micro_batch, scaler, generator, weight)
+        finite = step_finite(batch_totals[0], loss_module, runtime)
+        if saved is not None:
+            restore_buffers(model, saved)  # a stand-in must not move the statistics either
+        if not guard.step_is_finite(finite, runtime, description):
             optimizer.zero_grad(set_to_none=True)
+            reset_nonfinite_batchnorm(model)
             continue
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        loss_sum += batch_loss.cpu()
-        correct += batch_correct
-        count += images.shape[0]
-        if not bar.disable:
-            bar.set_postfix_str(f"loss {float(loss_sum) / count:.3f} "
-                                f"acc {format_steps(correct * 100 / count)}")
+        totals += batch_totals
+        if not bar.disable and (position + 1) % LOG_EVERY == 0:
+            _show_progress(bar, totals)
+    if not bar.disable:
+        _show_progress(bar, totals)
     bar.close()
-    totals = runtime.sum_across_ranks(torch.cat([loss_sum.view(1), correct, torch.tensor([count])]))
-    seen = max(float(totals[-1]), 1.0)
+    totals = runtime.sum_across_ranks(totals)
+    seen = max(float(totals[1]), 1.0)
     return {"loss": float(totals[0]) / seen,
-            "train_accuracy": (totals[1:-1] * 100 / seen).tolist(),
+            "train_accuracy": (totals[2:] * 100 / seen).tolist(),
             "skipped_nonfinite": guard.count - skipped_before}
+
+
+def _train_step(loss_module, images, labels, optimizer, runtime: Runtime, steps: int,
+                micro_batch: int, scaler, generator, weight: float) -> torch.Tensor:
+    """Forward and backward of one batch, micro-batch by micro-batch; its totals (loss sum,
+    images, correct per step) on the device, times `weight` (0 for a stand-in batch)."""
+    optimizer.zero_grad(set_to_none=True)
+    parts = micro_batches(images, labels, micro_batch)
+    totals = runtime.counters(2 + steps)
+    for index, (x, y) in enumerate(parts):
+        # gradients are synced across processes once, after the last micro-batch
+        last = index == len(parts) - 1
+        sync = contextlib.nullcontext() if last or not runtime.distributed else loss_module.no_sync()
+        with sync:
+            with runtime.autocast():
+                loss, logits = loss_module(x, y, generator)
+            share = loss * (x.shape[0] / images.shape[0])  # the mean over the whole batch
+            if weight != 1.0:
+                share = share * weight
+            (scaler.scale(share) if scaler is not None else share).backward()
+        totals[0] += loss.detach().to(totals.dtype) * x.shape[0]
+        totals[1] += x.shape[0]
+        totals[2:] += (logits.argmax(-1) == y).sum(1).to(totals.dtype)
+    return totals * weight if weight != 1.0 else totals
+
+
+def _show_progress(bar, totals: torch.Tensor) -> None:
+    values = totals.tolist()  # the one read of the device's totals
+    seen = max(values[1], 1.0)
+    bar.set_postfix_str(f"loss {values[0] / seen:.3f} "
+                        f"acc {format_steps([v * 100 / seen for v in values[2:]])}")
 
 
 def format_steps(values) -> str:

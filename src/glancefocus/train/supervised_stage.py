@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
-from .context import StageRun
-from .batchnorm import recalibrate_batchnorm
-from .evaluation import evaluate_anytime
 from ..interrupts import UntilStopped
+from .batchnorm import recalibrate_batchnorm
+from .context import StageRun
+from .evaluation import evaluate_anytime
 from .loaders import check_bad_files, make_loader, per_process_batch
 from .optim import freeze_for_stage, gfnet_sgd, set_cosine_lr, set_train_modes
-from .runtime import (STREAM_BATCHNORM, STREAM_GLOBAL, STREAM_LOCATIONS, derive_seed,
-                      seed_everything)
+from .runtime import STREAM_BATCHNORM, STREAM_GLOBAL, STREAM_LOCATIONS
 from .supervised import GlanceFocusLoss, format_steps, train_epoch
 
 log = logging.getLogger("glancefocus.train")
@@ -27,7 +26,7 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
     model, runtime, config, stage = run.model, run.runtime, run.config, run.stage
     stage_config = run.stage_config
     freeze_for_stage(model, stage, stage_config)
-    optimizer = gfnet_sgd(model, stage_config)
+    optimizer = gfnet_sgd(model, stage, stage_config)
     scaler = runtime.grad_scaler()
     plain_loss = GlanceFocusLoss(model, stage_config.dsn_ratio, random_locations=stage == 1)
     loss_module = runtime.wrap(plain_loss)
@@ -40,12 +39,12 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         log.info("stage %d: all %d epochs were done already", stage, stage_config.epochs)
     for epoch in range(start, stage_config.epochs):
         began = time.time()
-        # everything random in an epoch follows from (seed, stage, epoch): resume is exact
-        seed_everything(derive_seed(run.seed, STREAM_GLOBAL, stage, epoch))
+        # everything random in an epoch follows from (seed, stage, epoch, rank): resume is exact
+        runtime.seed_process(run.seed, STREAM_GLOBAL, stage, epoch)
         set_cosine_lr(optimizer, epoch, stage_config.epochs)
         set_train_modes(model, stage, stage_config)
         metrics = train_epoch(
-            loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_requested),
+            loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_poll),
             optimizer, runtime, run.guard,
             steps=model.config.max_steps, micro_batch=config.train.micro_batch,
             channels_last=config.train.channels_last, scaler=scaler,

@@ -1,0 +1,91 @@
+"""Smoke tests of benchmarks/train_step.py and benchmarks/memory.py on the tiny demo preset,
+and of the channels-last crop.
+Timings are only produced here, never asserted."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import memory
+import train_step
+
+from glancefocus import create_model, crops
+
+TINY = ("data.image_size=48",)
+
+
+def test_train_step_times_both_stages_and_writes_json(tmp_path):
+    out = tmp_path / "step.json"
+    result = train_step.main(["--preset", "demo", "--batch", "2", "--steps", "2", "--warmup", "0",
+                              "--threads", "1", "--json", str(out), *TINY])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))
+    for stage in (1, 2):
+        assert written[f"stage{stage}_seconds"] > 0
+        assert len(written[f"stage{stage}_all_seconds"]) == 2
+    assert {"preset", "batch", "amp", "channels_last", "device", "threads", "torch"} <= set(written)
+    assert (written["preset"], written["batch"], written["image_size"]) == ("demo", 2, 48)
+
+
+def test_train_step_trains_what_its_stage_trains():
+    config, runtime, model, images, labels = train_step.build_setup("demo", 2, overrides=TINY)
+    policy_before = [p.detach().clone() for p in model.policy.parameters()]
+    encoder_before = [p.detach().clone() for p in model.focus_encoder.parameters()]
+    train_step.stage1_step(config, runtime, model, images, labels)()
+    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.focus_encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(policy_before, model.policy.parameters()))
+    encoder_after = [p.detach().clone() for p in model.focus_encoder.parameters()]
+    train_step.stage2_step(config, runtime, model, images, labels)()
+    assert any(not torch.equal(a, b) for a, b in zip(policy_before, model.policy.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(encoder_after, model.focus_encoder.parameters()))
+
+
+def test_memory_rows_grow_with_the_micro_batch_and_shrink_with_checkpointing(tmp_path):
+    out = tmp_path / "memory.json"
+    result = memory.main(["--preset", "demo", "--batch", "8", "--micro-batches", "8,2",
+                          "--amp", "none,bf16", "--no-cuda", "--json", str(out), *TINY])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    by = {(r["stage"], r["micro_batch"], r["amp"], r["activation_checkpointing"]): r for r in rows}
+    full, micro = by[("1/3", 8, "none", False)], by[("1/3", 2, "none", False)]
+    assert full["authors_setting"] and not micro["authors_setting"]
+    assert sum(r["authors_setting"] for r in rows) == 1
+    assert full["activations_bytes"] > micro["activations_bytes"] > 0
+    assert full["estimated_bytes"] > micro["estimated_bytes"]
+    checkpointed = by[("1/3", 8, "none", True)]
+    assert checkpointed["activations_bytes"] < full["activations_bytes"]
+    assert checkpointed["recompute_peak_bytes"] > 0 and full["recompute_peak_bytes"] == 0
+    model = create_model("demo", pretrained=False)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert full["parameters_bytes"] == params
+    assert full["optimizer_bytes"] == full["gradients_bytes"] < params  # the policy is frozen
+    policy = sum(p.numel() * 4 for p in model.policy.parameters())
+    stage2 = by[("2", 8, "none", False)]
+    assert stage2["gradients_bytes"] == policy and stage2["optimizer_bytes"] == 2 * policy
+    for row in rows:
+        parts = [v for k, v in row.items() if k.endswith("_bytes") and k != "estimated_bytes"]
+        assert row["estimated_bytes"] == sum(parts)
+
+
+def test_saved_tensor_counter_counts_a_shared_storage_once():
+    weight = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    counter = memory.SavedTensorCounter(excluded=[weight])
+    with counter.hooks():
+        y = (x @ weight).relu()       # saves x (and the weight: excluded) and relu's output
+        z = (y[:, :2] * y[:, 2:]).sum()  # saves two views of y's storage
+    z.backward()
+    assert counter.total == x.numel() * 4 + y.numel() * 4
+
+
+def test_channels_last_crop_keeps_the_layout_and_the_pixels():
+    images = torch.randn(3, 3, 20, 30).contiguous(memory_format=torch.channels_last)
+    locations = torch.tensor([[0.0, 1.0], [0.5, 0.25], [1.0, 0.0]])
+    patches = crops.crop(images, locations, 8)
+    assert patches.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(patches, crops.crop(images.contiguous(), locations, 8))
