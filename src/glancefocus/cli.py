@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -179,6 +180,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`glancefocus presets | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 141
     except (ValueError, OSError, KeyError) as exc:  # OSError: missing files, full disks, ...
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"glancefocus {args.command}: error: {one_line(message)}", file=sys.stderr)

@@ -114,7 +114,8 @@ class TrainConfig:
     micro_batch: int = 0
     """Images per forward pass; 0 means batch_size."""
     amp: str = "none"
-    """'none', 'bf16' or 'fp16' (torch.amp autocast)."""
+    """'none', 'bf16', 'fp16' (torch.amp autocast) or 'auto': bf16 where the device computes it
+    in hardware (recent GPUs; CPUs with AVX512-BF16 or AMX), else none."""
     channels_last: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"

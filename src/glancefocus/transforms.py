@@ -24,7 +24,7 @@ from .config import DataConfig, from_dict, to_dict
 from .data import build_transforms, load_image
 
 # load_image's own mode conversion (transparency onto white, 16-bit scaled), for PIL input
-from .data.folders import convert_image as convert_image_mode
+from .runtime.images import convert_image as convert_image_mode
 
 
 def preset_data_section(arch: str) -> dict:

@@ -26,24 +26,17 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from ..runtime.images import IMAGE_EXTENSIONS, ImageReadError, ImageTooSmallError
+from ..runtime.images import load_image as _read_image
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _UNSEEN, _GOOD, _BAD = 0, 1, 2
-
-
-class ImageReadError(ValueError):
-    """An image file could not be read or decoded; the message names the file."""
-
-
-class ImageTooSmallError(ValueError):
-    """An image is smaller than data.image_size while data.small_images is 'error'."""
 
 
 class DatasetError(ValueError):
@@ -55,7 +48,7 @@ class BadFilesError(DatasetError):
 
 
 # ----------------------------------------------------------------------------------------------
-# reading one image
+# reading one image (written once, without torch, in glancefocus.runtime.images)
 
 def load_image(path, channels: int = 3) -> Image.Image:
     """Open any image Pillow reads, fully decoded, as 'RGB' (channels=3) or 'L' (channels=1).
@@ -67,41 +60,7 @@ def load_image(path, channels: int = 3) -> Image.Image:
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    try:
-        with Image.open(path) as img:
-            img.load()  # force the full decode here, so truncation is caught now
-            return convert_image(img, "RGB" if channels == 3 else "L")
-    except FileNotFoundError:
-        raise ImageReadError(f"image file '{path}' does not exist") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError,
-            Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image file '{path}': {type(exc).__name__}: {exc}") from None
-
-
-def convert_image(img: Image.Image, mode: str) -> Image.Image:
-    """A PIL image in `mode` ('RGB' or 'L') as load_image converts files (see its docstring)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        img = _to_8bit_gray(img)
-    elif img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        # RGBA, LA, PA, premultiplied La/RGBa, palette or colour-key transparency
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba)
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")  # RGBA (composited), P, 1, CMYK, YCbCr, ...
-    return img.convert(mode)  # returns a copy even when the mode already matches
-
-
-def _to_8bit_gray(img: Image.Image) -> Image.Image:
-    """Scale a 16-bit, 32-bit integer or float gray image to 8-bit 'L'."""
-    a = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16"):
-        a = a / 257.0  # 65535 -> 255
-    elif img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
-        a = a * 255.0  # float images in [0, 1]
-    elif a.size and np.nanmax(a) > 255:
-        a = a / 257.0  # 'I' holding 16-bit data (e.g. a 16-bit PGM); larger values clip below
-    a = np.nan_to_num(a, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return _read_image(path, "RGB" if channels == 3 else "L")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ preprocessing data.
 
 torchvision resizes PIL images with PIL itself, so the same PIL call here gives the same pixels;
 ToTensor and Normalize are float32 arithmetic, done in the same order (tested to match).
-Files are read as `glancefocus.data.load_image` reads them (transparency onto white, 16-bit
+Files are read here for glancefocus.data.load_image too (transparency onto white, 16-bit
 scaled to 8 bits, first frame of animations).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-"""The file names that folders and globs pick up (the same list as glancefocus.data's)."""
+"""The file names that folders and globs pick up."""
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 

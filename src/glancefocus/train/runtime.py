@@ -132,7 +132,19 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: CPUs without AVX512-BF16 or AMX (e.g.
+    AVX2-only ones) emulate it, many times slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
     if amp == "none":
         return None
     if amp == "bf16":
@@ -142,7 +154,7 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
             raise ValueError("train.amp=fp16 needs a CUDA device (fp16 autocast with a GradScaler); "
                              "on CPU use train.amp=bf16 or train.amp=none")
         return torch.float16
-    raise ValueError(f"train.amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    raise ValueError(f"train.amp must be 'none', 'bf16', 'fp16' or 'auto', got {amp!r}")
 
 
 # ----------------------------------------------------------------------------------------------
