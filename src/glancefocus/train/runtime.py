@@ -136,9 +136,13 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware: CPUs without AVX512-BF16 or AMX (e.g.
     AVX2-only ones) emulate it, many times slower than float32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 does not count emulation
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
 
 
