@@ -9,36 +9,18 @@ and exit steps equal `exits.simulate_exits` on the all-steps logits (tested).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import exits
+from .runtime.predictor import Prediction  # one answer type for both engines
 
 NO_CURVE_HINT = ("the model has no calibrated exit curve (thresholds and MACs per budget); run "
                  "`glancefocus evaluate --checkpoint CKPT --out DIR` once and use DIR/model.pt, "
                  "the copy with the calibrated exits (or add --in-place to store them in CKPT), "
                  "or give explicit thresholds")
-
-
-@dataclass
-class Prediction:
-    """The answer for one image."""
-
-    label: int
-    class_name: Optional[str]
-    confidence: float          # max softmax probability at the exit step
-    exit_step: int             # 1-based: 1 = the glance alone
-    macs: int                  # multiply-adds spent on this image (running exit_step steps)
-    boxes: list                # [exit_step][4] boxes (x0, y0, x1, y1) looked at, in pixels of
-                               # the model's input; step 1 (the glance) first
-    top_k: list = field(default_factory=list)  # [{label, class_name, probability}], best first
-
-    def to_dict(self) -> dict:
-        return {"label": self.label, "class_name": self.class_name, "confidence": self.confidence,
-                "exit_step": self.exit_step, "macs": self.macs, "boxes": self.boxes,
-                "top_k": self.top_k}
 
 
 @dataclass

@@ -24,7 +24,7 @@ NO_CURVE_HINT = ("the exported model has no calibrated exit curve (manifest 'exi
 
 @dataclass
 class Prediction:
-    """The answer for one image (the same fields as glancefocus.predictor.Prediction)."""
+    """The answer for one image (also what glancefocus.predictor, on PyTorch, returns)."""
 
     label: int
     class_name: Optional[str]
