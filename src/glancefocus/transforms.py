@@ -13,7 +13,6 @@ image_size), because their canvases are used whole.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,6 +23,7 @@ from .config import DataConfig, from_dict, to_dict
 from .data import build_transforms, load_image
 
 # load_image's own mode conversion (transparency onto white, 16-bit scaled), for PIL input
+from .runtime.images import InputGeometry, input_geometry
 from .runtime.images import convert_image as convert_image_mode
 
 
@@ -56,38 +56,6 @@ def evaluation_data_config(data: DataConfig) -> DataConfig:
     return data
 
 
-@dataclass(frozen=True)
-class InputGeometry:
-    """Where the model's input sits in the original image: resized to resized_size (w, h),
-    then the centre crop of crop_size pixels starting at (left, top) of the resized image."""
-
-    original_size: tuple   # (width, height) of the original image
-    resized_size: tuple    # (width, height) after Resize
-    left: int
-    top: int
-    crop_size: int
-
-    def to_original(self, boxes) -> list:
-        """Boxes (x0, y0, x1, y1) in model-input pixels -> pixels of the original image,
-        rounded to whole pixels and clipped to the image."""
-        scale_x = self.original_size[0] / self.resized_size[0]
-        scale_y = self.original_size[1] / self.resized_size[1]
-        width, height = self.original_size
-        mapped = []
-        for x0, y0, x1, y1 in torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4).tolist():
-            mapped.append([
-                _clip(round((x0 + self.left) * scale_x), width),
-                _clip(round((y0 + self.top) * scale_y), height),
-                _clip(round((x1 + self.left) * scale_x), width),
-                _clip(round((y1 + self.top) * scale_y), height),
-            ])
-        return mapped
-
-
-def _clip(value: int, limit: int) -> int:
-    return min(max(int(value), 0), limit)
-
-
 class ImageTransform:
     """PIL image (or image file path) -> the normalised tensor [C, H, W] the model is fed.
 
@@ -110,27 +78,12 @@ class ImageTransform:
         return load_image(image, self.channels)
 
     def geometry(self, original_size) -> InputGeometry:
-        """How an original image of (width, height) pixels becomes the model's input: torchvision's
-        Resize(int) scales the short side to resize_size (the long side truncated to an integer),
-        CenterCrop rounds its offsets."""
-        width, height = original_size
-        short, long = sorted((width, height))
-        new_short, new_long = self.data.resize_size, int(self.data.resize_size * long / short)
-        resized = (new_short, new_long) if width <= height else (new_long, new_short)
-        crop = self.data.image_size
-        return InputGeometry(
-            original_size=(width, height), resized_size=resized, crop_size=crop,
-            left=round((resized[0] - crop) / 2.0), top=round((resized[1] - crop) / 2.0))
+        """How an original image of (width, height) pixels becomes the model's input."""
+        return input_geometry(original_size, self.data.resize_size, self.data.image_size)
 
     def boxes_to_original(self, boxes, original_size) -> list:
         """Boxes (x0, y0, x1, y1) in the model's input -> pixels of the original (width, height)."""
         return self.geometry(original_size).to_original(boxes)
-
-    def unnormalise(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The model's input back in [0, 1] pixel values (for pictures)."""
-        mean = torch.tensor(list(self.data.mean)).view(-1, 1, 1)
-        std = torch.tensor(list(self.data.std)).view(-1, 1, 1)
-        return (tensor * std + mean).clamp(0, 1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._pipeline!r})"

@@ -111,22 +111,27 @@ class Preprocess:
         return (scaled - self.mean) / self.std
 
     def geometry(self, original_size) -> "InputGeometry":
-        """torchvision's Resize(int): the short side to resize_size, the long side truncated to
-        an integer; CenterCrop: offsets rounded."""
-        width, height = original_size
-        short, long = sorted((width, height))
-        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-        resized = (new_short, new_long) if width <= height else (new_long, new_short)
-        return InputGeometry((width, height), resized, round((resized[0] - self.size) / 2.0),
-                             round((resized[1] - self.size) / 2.0))
+        return input_geometry(original_size, self.resize_size, self.size)
 
     def boxes_to_original(self, boxes, original_size) -> list:
         """Boxes (x0, y0, x1, y1) in the model's input -> pixels of the original (width, height)."""
         return self.geometry(original_size).to_original(boxes)
 
 
+def input_geometry(original_size, resize_size: int, image_size: int) -> "InputGeometry":
+    """Where the model's input lies in an original image of (width, height) pixels, as
+    torchvision's Resize(int) + CenterCrop put it there: the short side scaled to resize_size
+    (the long side truncated to an integer), the crop's offsets rounded."""
+    width, height = original_size
+    short, long = sorted((width, height))
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    resized = (new_short, new_long) if width <= height else (new_long, new_short)
+    return InputGeometry((width, height), resized, round((resized[0] - image_size) / 2.0),
+                         round((resized[1] - image_size) / 2.0))
+
+
 class InputGeometry:
-    """Where the model's input lies in the original image (see Preprocess.geometry)."""
+    """Where the model's input lies in the original image (see input_geometry)."""
 
     def __init__(self, original_size: tuple, resized_size: tuple, left: int, top: int):
         self.original_size, self.resized_size = tuple(original_size), tuple(resized_size)
