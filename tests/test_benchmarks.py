@@ -89,3 +89,27 @@ def test_channels_last_crop_keeps_the_layout_and_the_pixels():
     patches = crops.crop(images, locations, 8)
     assert patches.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(patches, crops.crop(images.contiguous(), locations, 8))
+
+
+def test_recipes_benchmark_trains_both_and_checks_the_goals(tmp_path):
+    import recipes
+
+    out = tmp_path / "recipes.json"
+    tiny = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16",
+            "data.num_clutter=2", "data.train_canvases=64", "data.test_canvases=32",
+            "train.batch_size=32", "model.classifier_hidden=32", "model.policy_hidden=32",
+            "train.stage1.epochs=1", "train.stage2.updates=2", "train.stage3.epochs=1",
+            "train.one_stage.epochs=1"]
+    result = recipes.main([*tiny, "--threads", "1", "--out", str(tmp_path / "runs"),
+                           "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))
+    for recipe in ("three_stage", "one_stage"):
+        row = written[recipe]
+        assert row["seconds"] > 0
+        assert len(row["anytime_accuracy"]) == len(row["anytime_macs"]) == 3
+        assert len(row["random_policy_accuracy"]) == 3 and len(row["hit_rate"]) == 2
+    assert written["three_stage"]["anytime_macs"] == written["one_stage"]["anytime_macs"]
+    goals = written["goals"]
+    assert goals["time_ratio"] == written["one_stage"]["seconds"] / written["three_stage"]["seconds"]
+    assert isinstance(goals["accuracy_holds"], bool) and isinstance(goals["time_holds"], bool)

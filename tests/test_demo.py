@@ -76,3 +76,15 @@ def test_claims_fail_when_they_should():
     claims = check_claims(_metrics([91.7, 92.0, 91.0], [0.5, 0.5], [91.7, 91.0, 92.0],
                                    [0.3, 0.3], 97.0))
     assert not any(claim["holds"] for claim in claims.values()), claims
+
+
+def test_demo_one_stage_recipe(tmp_path, capsys):
+    small = [*SMALL, "train.one_stage.epochs=1"]
+    assert main(["demo", "--recipe", "one-stage", "--out", str(tmp_path), "--no-progress",
+                 *small]) == 0
+    assert "claims:" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["train"]["recipe"] == "one-stage"
+    assert (tmp_path / "run" / "one-stage" / "last.pt").is_file()
+    assert not (tmp_path / "run" / "stage1").exists()
+    assert len(metrics["gfnet"]["hit_rate"]) == 2 and len(metrics["budgeted"]["macs"]) == 39

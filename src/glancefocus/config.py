@@ -108,7 +108,25 @@ class StageConfig:
 
 
 @dataclass
+class OneStageConfig(StageConfig):
+    """The one-stage recipe: stage 1's SGD settings for the encoders and the classifier and
+    stage 2's PPO settings for the policy, in one run of `epochs` epochs."""
+    epochs: int = 10
+    random_fraction_start: float = 0.5
+    """Share of each batch that looks at uniform random locations in the first epoch (the rest
+    follows the policy and forms its rollout); it falls linearly to random_fraction_end in the
+    last epoch, from stage 1's random patches towards stage 3's policy patches."""
+    random_fraction_end: float = 0.0
+
+
+RECIPES = ("three-stage", "one-stage")
+
+
+@dataclass
 class TrainConfig:
+    recipe: str = "three-stage"
+    """'three-stage' (the paper's: stage 1 random patches, stage 2 PPO with frozen encoders,
+    stage 3 fine-tuning) or 'one-stage' (encoders, classifier and policy together, one run)."""
     batch_size: int = 256
     """Effective batch size (the recipes' 256), reached by accumulation when micro_batch is smaller."""
     micro_batch: int = 0
@@ -128,6 +146,7 @@ class TrainConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(classifier_lr=0.01))
+    one_stage: OneStageConfig = field(default_factory=OneStageConfig)
 
 
 @dataclass

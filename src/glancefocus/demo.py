@@ -1,6 +1,7 @@
 """`glancefocus demo`: a GFNet on cluttered MNIST, trained and measured on 2 CPU cores.
 
-It trains a small GFNet through all three stages (the "demo" preset), trains the static baseline
+It trains a small GFNet through all three stages (the "demo" preset; with --recipe one-stage in
+one run, see train/one_stage.py), trains the static baseline
 (the same CNN on the whole 100 x 100 canvas, as many epochs as stage 1), evaluates both on the
 5,000 fixed test canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png and
 model.pt (the trained GFNet). It then says whether the four claims below hold.
@@ -15,7 +16,7 @@ import torch
 
 from .atomic import write_atomic, write_json
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import load_config, to_dict
+from .config import RECIPES, load_config, to_dict
 from .data import build_datasets
 from .evaluate import evaluate_model, exit_curve_from
 from .macs import count_static_macs
@@ -23,7 +24,7 @@ from .presets import get_preset
 from .train import train
 from .train.evaluation import evaluate_anytime
 from .train.runtime import start_runtime
-from .train.state import last_checkpoint
+from .train.state import final_checkpoint
 from .train.static import evaluate_static, train_static_baseline
 
 log = logging.getLogger("glancefocus.demo")
@@ -37,13 +38,17 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "demo", help="train and measure a GFNet on cluttered MNIST (CPU, about 15 minutes)",
-        description="Train a small GFNet on cluttered MNIST through the three stages, and the "
+        description="Train a small GFNet on cluttered MNIST (in three stages, or in one with "
+                    "--recipe one-stage), and the "
                     "same CNN as a static baseline; measure both on 5,000 test canvases and write "
                     "DIR/metrics.json, DIR/accuracy_vs_macs.png, DIR/patches.png (numbered boxes: "
                     "1 = the glance, 2.. = the focus patches) and DIR/model.pt (with calibrated "
                     "exits, ready for `glancefocus predict --budget`).",
         formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
+    p.add_argument("--recipe", choices=list(RECIPES), default="three-stage",
+                   help="train the GFNet in the paper's three stages, or in one run (encoders, "
+                        "classifier and policy together)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="changes to the demo preset, e.g. train.stage1.epochs=4 (default: none)")
@@ -57,7 +62,8 @@ def _cmd_demo(args) -> int:
 
     log_to_console()
     with logging_redirect_tqdm(loggers=[logging.getLogger("glancefocus")]):
-        metrics = run_demo(args.out, args.overrides, progress=not args.no_progress)
+        metrics = run_demo(args.out, [f"train.recipe={args.recipe}", *args.overrides],
+                           progress=not args.no_progress)
     print(summary(metrics))
     return 0
 
@@ -70,35 +76,29 @@ def run_demo(out_dir, overrides=(), progress: bool = True) -> dict:
     base = get_preset("demo")
     base["train"]["out_dir"] = str(out / "run")
     config = load_config(None, list(overrides), base=base)
-    log.info("demo: a GFNet through three stages, then the static baseline, on cluttered MNIST "
-             "(on 2 CPU cores about 11 minutes with native bf16, about 32 in float32); output in %s", out)
+    log.info("demo: a GFNet (%s recipe), then the static baseline, on cluttered MNIST (on 2 CPU "
+             "cores about 11 minutes with native bf16, about 32 in float32); output in %s",
+             config.train.recipe, out)
     datasets = build_datasets(config.data, config.model.in_chans)
     train_set, test_set, _ = datasets
     seconds = {}
 
     train(config, datasets=datasets, progress=progress, overwrite=True)  # a rerun starts afresh
     seconds["gfnet_training"] = time.time() - began
-    model = load_checkpoint(last_checkpoint(config.train.out_dir, 3))
+    model = load_checkpoint(final_checkpoint(config.train.out_dir, config.train.recipe))
     runtime = start_runtime(config.train.device, config.train.amp)
     model.to(runtime.device)
     batch = config.train.batch_size
-    learned = evaluate_anytime(model, test_set, runtime, batch)
-    random = evaluate_anytime(model, test_set, runtime, batch, locations="random",
-                              seed=config.train.seed)
+    metrics = measure_gfnet(model, test_set, runtime, batch, config.train.seed)
 
     started = time.time()
     backbone, _ = train_static_baseline(config, train_set, runtime, progress)
     static_accuracy = evaluate_static(backbone, test_set, runtime, batch, config.train.channels_last)
     seconds["static_training"] = time.time() - started
 
-    per_step_macs = model.macs()["per_step"]
     static_macs = count_static_macs(backbone, config.data.image_size, config.data.image_size,
                                     config.model.in_chans)
-    metrics = {
-        "gfnet": _curve(learned, per_step_macs),
-        "random_policy": _curve(random, per_step_macs),
-        "static_baseline": {"accuracy": static_accuracy, "macs": static_macs},
-    }
+    metrics["static_baseline"] = {"accuracy": static_accuracy, "macs": static_macs}
     # calibrate the exit thresholds (the authors' 39 budgets) so model.pt answers `predict --budget`
     model.cpu()
     evaluation = evaluate_model(model, config.data, calibrate_images=config.data.train_canvases,
@@ -115,6 +115,15 @@ def run_demo(out_dir, overrides=(), progress: bool = True) -> dict:
     metrics.update(config=to_dict(config), stage_seconds=seconds, seconds=time.time() - began)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def measure_gfnet(model, test_set, runtime, batch_size: int, seed: int) -> dict:
+    """Anytime accuracy, MACs and hit rate per step on `test_set`, with the learned policy
+    ('gfnet') and with uniform random locations ('random_policy', seeded)."""
+    learned = evaluate_anytime(model, test_set, runtime, batch_size)
+    random = evaluate_anytime(model, test_set, runtime, batch_size, locations="random", seed=seed)
+    per_step_macs = model.macs()["per_step"]
+    return {"gfnet": _curve(learned, per_step_macs), "random_policy": _curve(random, per_step_macs)}
 
 
 def _curve(evaluation: dict, macs: list[int]) -> dict:

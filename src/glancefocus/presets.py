@@ -19,6 +19,8 @@ def _family(backbone_lr, weight_decay, dsn_ratio, train_glance_encoder, stage1_e
         "stage1": dict(stage, epochs=stage1_epochs, classifier_lr=0.1),
         "stage2": dict(epochs=15),
         "stage3": dict(stage, epochs=stage1_epochs, classifier_lr=0.01),
+        # train.recipe=one-stage: stage 1's SGD settings and length, stage 2's PPO settings
+        "one_stage": dict(stage, epochs=stage1_epochs, classifier_lr=0.1),
     }
 
 
@@ -109,6 +111,10 @@ PRESETS: dict[str, dict] = {
             "stage2": dict(epochs=1, updates=800, ppo_lr=3e-4),
             "stage3": dict(epochs=5, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
+            # `glancefocus demo --recipe one-stage`
+            "one_stage": dict(epochs=8, backbone_lr=0.1, classifier_lr=0.1, weight_decay=1e-4,
+                              dsn_ratio=1.0, train_glance_encoder=True, ppo_lr=3e-4,
+                              random_fraction_start=0.5, random_fraction_end=0.0),
         },
     },
 }

@@ -13,20 +13,23 @@ def register(subparsers) -> None:
     from ..cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "train", help="train a GFNet: stage 1 warm-up, stage 2 PPO policy, stage 3 fine-tune",
+        "train", help="train a GFNet (three stages, or one with train.recipe=one-stage)",
         formatter_class=HelpFormatter,
-        description="Train a GFNet in three stages into train.out_dir: stage 1 trains the "
-                    "encoders and classifier on random patches, stage 2 the patch policy with "
-                    "PPO, stage 3 fine-tunes with the policy's patches. Under `torchrun "
+        description="Train a GFNet into train.out_dir. The paper's recipe has three stages: "
+                    "stage 1 trains the encoders and classifier on random patches, stage 2 the "
+                    "patch policy with PPO, stage 3 fine-tunes with the policy's patches. "
+                    "train.recipe=one-stage trains all of them together in one run, a PPO update "
+                    "of the policy after every classifier step. Under `torchrun "
                     "--nproc_per_node N` the same command trains on N processes (DDP).")
     p.add_argument("--config", metavar="FILE",
                    help="YAML run configuration; it may name a base preset as `preset: NAME`")
     p.add_argument("--preset", metavar="NAME",
                    help="a named configuration to start from (see `glancefocus presets`)")
     p.add_argument("--stage", choices=["1", "2", "3", "all"], default="all",
-                   help="which stage to run (default: all, the three in order)")
+                   help="which stage of the three-stage recipe to run (default: all, in order)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from RUN/stageN/last.pt where a run stopped")
+                   help="continue from RUN/stageN/last.pt (RUN/one-stage/last.pt) where a run "
+                        "stopped")
     p.add_argument("--init", metavar="CKPT",
                    help="start the first stage run from this GFNet checkpoint instead of the "
                         "previous stage's result in the run folder; it may have another class "
@@ -77,7 +80,7 @@ def log_to_console() -> None:
 def _cmd_train(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from . import ALL_STAGES, train
+    from . import train
 
     config = resolve_config(args.config, args.preset, args.overrides)
     if args.save_every < 1:
@@ -85,7 +88,7 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(describe_recipe(config), end="")
         return 0
-    stages = ALL_STAGES if args.stage == "all" else (int(args.stage),)
+    stages = None if args.stage == "all" else (int(args.stage),)
     log_to_console()
     with logging_redirect_tqdm(loggers=[logging.getLogger("glancefocus")]):
         train(config, stages, resume=args.resume, init=args.init, progress=not args.no_progress,
@@ -110,15 +113,21 @@ def describe_recipe(config: RunConfig) -> str:
     config = with_class_count(config, classes)
     batch = config.train.batch_size
     steps_per_epoch = math.ceil(len(train_set) / batch)
-    stage2 = config.train.stage2
-    updates = stage2.updates or stage2.epochs * steps_per_epoch
-    lines = [f"model.num_classes: {config.model.num_classes} (the data has {len(classes)} classes)",
-             f"training images: {len(train_set)}, batch {batch}: {steps_per_epoch} steps per epoch",
-             f"stage 1: {config.train.stage1.epochs} epochs = "
-             f"{config.train.stage1.epochs * steps_per_epoch} SGD steps",
-             f"stage 2: {updates} PPO updates" + ("" if stage2.updates else
-                                                  f" ({stage2.epochs} epochs; set "
-                                                  "train.stage2.updates=N to fix the count)"),
-             f"stage 3: {config.train.stage3.epochs} epochs = "
-             f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
+    head = [f"model.num_classes: {config.model.num_classes} (the data has {len(classes)} classes)",
+            f"training images: {len(train_set)}, batch {batch}: {steps_per_epoch} steps per epoch"]
+    if config.train.recipe == "one-stage":
+        one = config.train.one_stage
+        lines = head + [f"one-stage: {one.epochs} epochs = {one.epochs * steps_per_epoch} SGD "
+                        "steps, each followed by a PPO update of the policy"]
+    else:
+        stage2 = config.train.stage2
+        updates = stage2.updates or stage2.epochs * steps_per_epoch
+        lines = head + [
+            f"stage 1: {config.train.stage1.epochs} epochs = "
+            f"{config.train.stage1.epochs * steps_per_epoch} SGD steps",
+            f"stage 2: {updates} PPO updates" + ("" if stage2.updates else
+                                                 f" ({stage2.epochs} epochs; set "
+                                                 "train.stage2.updates=N to fix the count)"),
+            f"stage 3: {config.train.stage3.epochs} epochs = "
+            f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
     return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines)

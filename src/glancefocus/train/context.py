@@ -14,7 +14,7 @@ from ..interrupts import StopFlag, TrainingInterrupted
 from .faults import NonFiniteGuard
 from .recorder import MetricsRecorder
 from .runtime import Runtime, restore_rng
-from .state import save_stage_checkpoint, stage_folder, training_state
+from .state import save_stage_checkpoint, stage_folder, stage_settings, training_state
 
 # Cluttered MNIST draws fresh canvases per data epoch: give every stage its own range of them.
 DATA_EPOCHS_PER_STAGE = 1_000_000
@@ -46,7 +46,7 @@ class StageRun:
 
     @property
     def stage_config(self):
-        return getattr(self.config.train, f"stage{self.stage}")
+        return stage_settings(self.config.train, self.stage)
 
     @property
     def folder(self) -> Path:

@@ -15,30 +15,39 @@ ZERO_REWARD = 1e-3
 """Mean |reward| below which the policy gets no signal to learn from."""
 
 
-def explain_rewards(rollout: Rollout, num_classes: int) -> Optional[str]:
-    """A warning naming the likely cause when the rollout's rewards carry no signal, else None."""
+def explain_rewards(rollout: Rollout, num_classes: int,
+                    recipe: str = "three-stage") -> Optional[str]:
+    """A warning naming the likely cause when the rollout's rewards carry no signal, else None.
+    recipe: the training recipe, whose remedies the warning names."""
+    one_stage = recipe == "one-stage"
     step_accuracy = rollout.correct.float().mean(1)
     best_accuracy, glance_accuracy = float(step_accuracy.max()), float(step_accuracy[0])
     chance = 1.0 / num_classes
     if best_accuracy < 1.5 * chance and num_classes > 1:
+        remedy = ("Check the data and the learning rates (train.one_stage.backbone_lr, "
+                  "classifier_lr)" if one_stage else
+                  "Run stage 1 first (--stage 1), or start stage 2 from a trained checkpoint "
+                  "with --init")
         return (f"accuracy is at most {best_accuracy:.1%} at every step, about chance "
-                f"({chance:.1%}): the encoders and classifier look untrained. Run stage 1 first "
-                "(--stage 1), or start stage 2 from a trained checkpoint with --init")
+                f"({chance:.1%}): the encoders and classifier look untrained. {remedy}")
     mean_reward = float(rollout.rewards.abs().mean())
     if mean_reward >= ZERO_REWARD:
         return None
     probs = rollout.true_probs
     saturated = float(((probs > 0.999) | (probs < 0.001)).float().mean())
-    prefix = (f"stage-2 rewards are ~0 (mean |reward| {mean_reward:.1e} per focus step), so the "
-              "policy cannot learn: ")
+    prefix = (f"{'policy' if one_stage else 'stage-2'} rewards are ~0 (mean |reward| "
+              f"{mean_reward:.1e} per focus step), so the policy cannot learn: ")
     if glance_accuracy > 0.995:
         return prefix + (f"the classifier is already right at the glance on {glance_accuracy:.1%} "
                          "of the batch, with nothing left to gain from looking closer. The "
-                         "training images are probably memorised or too easy: train stage 1 for "
-                         "fewer epochs or on more data, or use a smaller patch size")
+                         "training images are probably memorised or too easy: train "
+                         f"{'' if one_stage else 'stage 1 '}for fewer epochs or on more data, or "
+                         "use a smaller patch size")
     if saturated > 0.9:
         return prefix + (f"{saturated:.0%} of the true-class probabilities are saturated (below "
                          "0.001 or above 0.999), so no step can move them. The classifier is "
-                         "overconfident: fewer stage-1 epochs, a lower learning rate or more data")
+                         f"overconfident: fewer {'' if one_stage else 'stage-1 '}epochs, a lower "
+                         "learning rate or more data")
     return prefix + ("the steps after the glance barely change the prediction. Check that the "
-                     "focus encoder was trained (stage 1) and that patches can see the object")
+                     f"focus encoder {'learns' if one_stage else 'was trained (stage 1)'} and "
+                     "that patches can see the object")

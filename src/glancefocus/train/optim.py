@@ -11,11 +11,15 @@ import math
 import torch
 from torch import nn
 
+from .state import ONE_STAGE
+
 
 def frozen_parts(model, stage: int, stage_config) -> list[nn.Module]:
     if stage == 2:
         return [model.glance_encoder, model.focus_encoder, model.classifier]
-    frozen = [model.policy]  # stage 1: random locations; stage 3: the fixed stage-2 policy
+    # stage 1: random locations; stage 3: the fixed stage-2 policy; the one-stage recipe
+    # trains the policy too, with PPO
+    frozen = [] if stage == ONE_STAGE else [model.policy]
     if not stage_config.train_glance_encoder:
         frozen.append(model.glance_encoder)
     return frozen
@@ -51,7 +55,7 @@ def describe_training(model, stage: int, stage_config) -> str:
     if stage == 2:
         return "stage 2 trains: the patch policy (PPO); frozen: both encoders, the classifier"
     trained = ["focus encoder", "classifier"]
-    frozen = ["patch policy"]
+    frozen = [] if stage == ONE_STAGE else ["patch policy"]
     if stage_config.train_glance_encoder:
         trained.insert(0, "glance encoder")
     elif trains_new_glance_head(model, stage, stage_config):
@@ -59,7 +63,24 @@ def describe_training(model, stage: int, stage_config) -> str:
         frozen.insert(0, "the rest of the glance encoder")
     else:
         frozen.insert(0, "glance encoder (with its pretrained head)")
-    return f"stage {stage} trains: {', '.join(trained)}; frozen: {', '.join(frozen)}"
+    if stage == ONE_STAGE:
+        trained.append("the patch policy (a PPO update after every step)")
+    name = "one-stage recipe" if stage == ONE_STAGE else f"stage {stage}"
+    return f"{name} trains: {', '.join(trained)}; frozen: {', '.join(frozen) or 'nothing'}"
+
+
+class Optimizers:
+    """Several optimisers saved and restored as one (the one-stage recipe's SGD and Adam)."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict:
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
 
 
 def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.optim.SGD:

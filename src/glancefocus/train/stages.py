@@ -1,5 +1,5 @@
-"""Run the three GFNet training stages on one run folder (the paper's recipe, as
-the authors' train.py runs it).
+"""Run a training recipe on one run folder: the paper's three stages (as the authors' train.py
+runs them), or the one-stage recipe (train.recipe=one-stage, see one_stage.py).
 
 Each stage starts from the previous stage's result in the run folder (stage 2 from
 RUN/stage1/last.pt, stage 3 from RUN/stage2/last.pt), or from `init`, a checkpoint given for the
@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import RunConfig, to_dict
+from ..config import RECIPES, RunConfig, to_dict
 from ..data import build_datasets
 from ..interrupts import TrainingInterrupted, stop_on_signals
 from ..model import GlanceFocusNet
@@ -25,10 +25,13 @@ from .optim import describe_training
 from .policy_stage import run_policy_stage
 from .runtime import STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime, stop_runtime
 from .state import (
+    ONE_STAGE,
     check_same_run,
     last_checkpoint,
     load_initial_weights,
     load_weights,
+    stage_name,
+    stage_settings,
     write_run_config,
 )
 from .supervised_stage import run_supervised_stage
@@ -38,11 +41,12 @@ log = logging.getLogger("glancefocus.train")
 ALL_STAGES = (1, 2, 3)
 
 
-def train(config: RunConfig, stages: Sequence[int] = ALL_STAGES, resume: bool = False,
+def train(config: RunConfig, stages: Optional[Sequence[int]] = None, resume: bool = False,
           init: Optional[str] = None, *, datasets=None, progress: bool = True,
           save_every: int = 200, trust_pickle: bool = False, overwrite: bool = False,
           on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> dict[int, list[dict]]:
-    """Train `stages` in order; returns each stage's metrics (per epoch; stage 2: per update).
+    """Train `stages` in order (None: all of the recipe's); returns each stage's metrics (per
+    epoch; stage 2: per update). The one-stage recipe's only stage is ONE_STAGE.
 
     datasets: (train, eval, class_names) to use instead of building them from config.data.
     save_every: stage 2 also writes last.pt every this many updates.
@@ -50,11 +54,11 @@ def train(config: RunConfig, stages: Sequence[int] = ALL_STAGES, resume: bool = 
     overwrite: start again over the checkpoints of a run folder (without it that is refused).
     on_checkpoint(stage, training_state): called after every checkpoint is written.
     """
-    _check_stages(config, stages)
+    stages = _check_stages(config, stages)
     out_dir = config.train.out_dir
     if resume and not any(last_checkpoint(out_dir, s).exists() for s in stages):
-        raise FileNotFoundError(f"--resume: '{out_dir}' holds no checkpoint of stage(s) "
-                                f"{', '.join(map(str, stages))} to resume")
+        raise FileNotFoundError(f"--resume: '{out_dir}' holds no checkpoint of "
+                                f"{', '.join(map(stage_name, stages))} to resume")
     # fail before writing anything
     _refuse_overwrite(config, stages, resume, overwrite)
     _starting_point(config, stages[0], resume, init)
@@ -120,18 +124,39 @@ def _train_stages(config, stages, resume, init, datasets, progress, save_every, 
         # a collective: no process reads this stage's last.pt before the main one wrote it
         runtime.check_ranks_agree(model)
         if runtime.distributed and runtime.is_main:
-            log.info("stage %d: the %d processes hold identical weights", stage,
+            log.info("%s: the %d processes hold identical weights", stage_name(stage),
                      runtime.world_size)
     return history
 
 
-def _check_stages(config: RunConfig, stages: Sequence[int]) -> None:
+def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """The stages to run, checked against the recipe."""
+    recipe = config.train.recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"train.recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "one-stage":
+        if stages is not None and tuple(stages) != (ONE_STAGE,):
+            raise ValueError("train.recipe=one-stage trains in one run, which has no stages to "
+                             "choose: drop --stage (or use train.recipe=three-stage)")
+        if config.train.one_stage.epochs < 1:
+            raise ValueError(f"train.one_stage.epochs must be >= 1, got {config.train.one_stage.epochs}")
+        _check_random_fraction(config.train.one_stage)
+        return (ONE_STAGE,)
+    stages = ALL_STAGES if stages is None else tuple(stages)
     if not stages or any(s not in ALL_STAGES for s in stages) or list(stages) != sorted(set(stages)):
         raise ValueError(f"stages must be a rising sequence of 1, 2, 3, got {list(stages)}")
     for stage in stages:
         stage_config = getattr(config.train, f"stage{stage}")
         if stage_config.epochs < 1 and not (stage == 2 and stage_config.updates > 0):
             raise ValueError(f"train.stage{stage}.epochs must be >= 1, got {stage_config.epochs}")
+    return stages
+
+
+def _check_random_fraction(settings) -> None:
+    for key in ("random_fraction_start", "random_fraction_end"):
+        value = getattr(settings, key)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"train.one_stage.{key} must be in [0, 1], got {value}")
 
 
 def _starting_point(config: RunConfig, stage: int, resume: bool, init: Optional[str]):
@@ -144,7 +169,7 @@ def _starting_point(config: RunConfig, stage: int, resume: bool, init: Optional[
         if not Path(init).is_file():
             raise FileNotFoundError(f"--init: checkpoint '{init}' does not exist")
         return "init", Path(init)
-    if stage == 1:
+    if stage in (1, ONE_STAGE):
         return "fresh", None
     previous = last_checkpoint(config.train.out_dir, stage - 1)
     if not previous.exists():
@@ -167,7 +192,7 @@ def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool
     if kind == "init":
         fresh = load_initial_weights(model, path, trust_pickle)
         if runtime.is_main:
-            log.info("stage %d: starting from %s%s", stage, path,
+            log.info("%s: starting from %s%s", stage_name(stage), path,
                      f"; new classes, so these layers start fresh: {', '.join(fresh)}" if fresh else "")
     elif path is not None:
         data = load_weights(model, path, config.model, trust_pickle)
@@ -178,10 +203,10 @@ def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool
             raise ValueError(f"stage {stage - 1} has not finished ('{path}'): continue it "
                              f"with --stage {stage - 1} --resume first")
         if runtime.is_main:
-            log.info("stage %d: %s %s", stage,
+            log.info("%s: %s %s", stage_name(stage),
                      "resuming from" if kind == "resume" else "starting from", path)
     if runtime.is_main:
-        log.info(describe_training(model, stage, getattr(config.train, f"stage{stage}")))
+        log.info(describe_training(model, stage, stage_settings(config.train, stage)))
     model.to(runtime.device)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -6,6 +6,8 @@
     RUN/stageN/best.pt        the epoch with the best last-step evaluation accuracy
     RUN/stageN/interrupted.pt stages 1/3 stopped mid-epoch by SIGINT/SIGTERM: the weights then
     RUN/stageN/metrics.csv    one row per epoch (stage 2: per update)
+    RUN/one-stage/...         the one-stage recipe's run, laid out as a stage's (and ppo.csv,
+                              one row per policy update)
 
 Resuming checks that the configuration is the run's own: only the keys in MAY_DIFFER_ON_RESUME
 may change (training length, data workers, the folder's name, the initial weights source).
@@ -33,12 +35,38 @@ from .runtime import capture_rng
 
 MAY_DIFFER_ON_RESUME = frozenset(
     [f"train.stage{n}.{key}" for n in (1, 2, 3) for key in ("epochs", "updates")]
+    + ["train.one_stage.epochs"]
     + ["data.num_workers", "train.out_dir", "model.pretrained", "model.pretrained_tag",
        "model.pretrained_glance"])
 
 
+ONE_STAGE = 0
+"""The one-stage recipe's number where the three stages have theirs (in seeds, data epochs and
+the training state of checkpoints); its folder is RUN/one-stage."""
+
+
 def stage_folder(out_dir, stage: int) -> Path:
-    return Path(out_dir) / f"stage{stage}"
+    return Path(out_dir) / ("one-stage" if stage == ONE_STAGE else f"stage{stage}")
+
+
+def stage_name(stage: int) -> str:
+    """'stage N', or 'one-stage' for the one-stage recipe's run (in log lines)."""
+    return "one-stage" if stage == ONE_STAGE else f"stage {stage}"
+
+
+def stage_settings(train_config, stage: int):
+    """The section of train_config that configures `stage` (train.stage1..3, train.one_stage)."""
+    return train_config.one_stage if stage == ONE_STAGE else getattr(train_config, f"stage{stage}")
+
+
+def recipe_stages(recipe: str) -> tuple[int, ...]:
+    """The stages a recipe runs, in order."""
+    return (ONE_STAGE,) if recipe == "one-stage" else (1, 2, 3)
+
+
+def final_checkpoint(out_dir, recipe: str) -> Path:
+    """The trained model of a finished run: the last stage's last.pt."""
+    return last_checkpoint(out_dir, recipe_stages(recipe)[-1])
 
 
 def last_checkpoint(out_dir, stage: int) -> Path:

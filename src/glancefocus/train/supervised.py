@@ -6,7 +6,7 @@ is what DistributedDataParallel wraps, so every gradient it produces is synced.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +66,14 @@ device each time), not at every batch."""
 def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, runtime: Runtime,
                 guard: NonFiniteGuard, *, steps: int, micro_batch: int = 0, channels_last: bool = False,
                 scaler=None, generator: Optional[torch.Generator] = None,
-                description: str = "", progress: bool = True) -> dict:
+                description: str = "", progress: bool = True,
+                after_step: Optional[Callable[[bool, float], None]] = None) -> dict:
     """One pass over `loader`: accumulate micro-batches, step once per batch.
 
     Returns the mean loss, the training accuracy of each of the `steps` steps (percent) and the
     skipped steps. `model` is the module whose BatchNorm statistics a skipped step resets.
+    after_step(applied, weight), when given, runs after every batch's step (applied: False when
+    the step was skipped as non-finite; weight 0 for a stand-in batch), e.g. a policy update.
     The running totals stay on the device; a step waits for it only to decide whether its loss
     was finite (see faults.py) and the progress bar every LOG_EVERY batches.
     """
@@ -95,12 +98,16 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
         if not guard.step_is_finite(finite, runtime, description):
             optimizer.zero_grad(set_to_none=True)
             reset_nonfinite_batchnorm(model)
+            if after_step is not None:
+                after_step(False, weight)
             continue
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step(True, weight)
         totals += batch_totals
         if not bar.disable and (position + 1) % LOG_EVERY == 0:
             _show_progress(bar, totals)

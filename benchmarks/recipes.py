@@ -1,0 +1,114 @@
+"""The three-stage and the one-stage recipe, trained side by side in one run on the demo's
+setting (cluttered MNIST), with the same evaluation and the wall-clock seconds of each training.
+
+    python benchmarks/recipes.py [key=value ...] [--recipes three-stage,one-stage]
+                                 [--threads 2] [--out DIR] [--json FILE]
+
+key=value overrides change the demo preset for both recipes, e.g. RAM's other setting:
+data.canvas_size=60 data.image_size=60 data.num_clutter=4 model.patch_size=24. The recipes
+train one after the other in this process (the same data, threads and machine), each timed from
+its start to its last checkpoint; nothing else should run meanwhile. Prints one JSON object:
+{"three_stage": {...}, "one_stage": {...}, "goals": {...}}, each recipe with seconds,
+anytime_accuracy [T] (percent, the policy's mean locations on the 5,000 test canvases), hit_rate
+[T-1] (share of focus patches holding the digit's centre), random_policy_accuracy [T] and
+random_hit_rate [T-1] (uniform random locations), anytime_macs [T].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from glancefocus.atomic import write_json  # noqa: E402
+from glancefocus.checkpoint import load_checkpoint  # noqa: E402
+from glancefocus.config import RECIPES, load_config  # noqa: E402
+from glancefocus.data import build_datasets  # noqa: E402
+from glancefocus.demo import measure_gfnet  # noqa: E402
+from glancefocus.presets import get_preset  # noqa: E402
+from glancefocus.train import train  # noqa: E402
+from glancefocus.train.runtime import start_runtime  # noqa: E402
+from glancefocus.train.state import final_checkpoint  # noqa: E402
+
+ACCURACY_TOLERANCE = 0.3   # points below the three-stage recipe, at every step
+MIN_HIT_RATE = 0.95        # first focus step
+MAX_TIME_RATIO = 0.6       # one-stage seconds / three-stage seconds
+
+
+def run_recipe(recipe: str, overrides: list[str], out_dir: Path, datasets, progress: bool) -> dict:
+    base = get_preset("demo")
+    config = load_config(None, [*overrides, f"train.recipe={recipe}",
+                                f"train.out_dir={out_dir / recipe}"], base=base)
+    began = time.time()
+    train(config, datasets=datasets, progress=progress, overwrite=True)
+    seconds = time.time() - began
+    model = load_checkpoint(final_checkpoint(config.train.out_dir, recipe))
+    runtime = start_runtime(config.train.device, config.train.amp)
+    model.to(runtime.device)
+    measured = measure_gfnet(model, datasets[1], runtime, config.train.batch_size,
+                             config.train.seed)
+    learned, random = measured["gfnet"], measured["random_policy"]
+    return {"seconds": seconds,
+            "anytime_accuracy": learned["anytime_accuracy"],
+            "hit_rate": learned["hit_rate"],
+            "random_policy_accuracy": random["anytime_accuracy"],
+            "random_hit_rate": random["hit_rate"],
+            "anytime_macs": learned["anytime_macs"]}
+
+
+def check_goals(three: dict, one: dict) -> dict:
+    """The issue's goals for the one-stage recipe against the three-stage one."""
+    shortfall = max(a - b for a, b in zip(three["anytime_accuracy"], one["anytime_accuracy"]))
+    ratio = one["seconds"] / three["seconds"]
+    first_hit = one["hit_rate"][0] if one["hit_rate"] else None
+    return {
+        "largest_shortfall_points": shortfall,
+        "accuracy_holds": shortfall <= ACCURACY_TOLERANCE,
+        "first_focus_hit_rate": first_hit,
+        "hit_rate_holds": first_hit is not None and first_hit >= MIN_HIT_RATE,
+        "time_ratio": ratio,
+        "time_holds": ratio <= MAX_TIME_RATIO,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="comma-separated recipes to train, in this order")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", metavar="DIR", help="run folders (default: a temporary folder)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; recipes: {', '.join(RECIPES)}")
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="gf-recipes-"))
+    config = load_config(None, args.overrides, base=get_preset("demo"))
+    datasets = build_datasets(config.data, config.model.in_chans)
+    result: dict = {"overrides": args.overrides, "threads": args.threads,
+                    "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    for recipe in recipes:
+        result[recipe.replace("-", "_")] = run_recipe(recipe, args.overrides, out_dir, datasets,
+                                                      args.progress)
+    if "three_stage" in result and "one_stage" in result:
+        result["goals"] = check_goals(result["three_stage"], result["one_stage"])
+    text = json.dumps(result)
+    print(text)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

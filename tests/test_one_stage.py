@@ -1,0 +1,182 @@
+"""The one-stage recipe (train.recipe=one-stage) on tiny cluttered MNIST: it learns, the policy
+is updated during the run, resume is exact, two processes agree, and its model is a GFNet like
+any other."""
+import math
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from glancefocus.checkpoint import load_checkpoint, read_checkpoint
+from glancefocus.config import load_config
+from glancefocus.presets import get_preset
+from glancefocus.train import train
+from glancefocus.train.command import describe_recipe
+from glancefocus.train.one_stage import random_fraction
+from glancefocus.train.one_stage_loss import OneStageLoss
+from glancefocus.train.state import ONE_STAGE, final_checkpoint
+
+TINY = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "data.num_clutter=2",
+        "data.train_canvases=96", "data.test_canvases=64", "train.batch_size=32",
+        "model.classifier_hidden=32", "model.policy_hidden=32", "train.recipe=one-stage",
+        "train.one_stage.epochs=2"]
+
+
+def one_stage_config(out_dir, *overrides):
+    return load_config(None, TINY + [f"train.out_dir={out_dir}", *overrides], base=get_preset("demo"))
+
+
+def weights(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_loss_falls_and_the_policy_is_updated(tmp_path):
+    # uncluttered 32 x 32 canvases: easy enough to learn in a few dozen steps
+    config = one_stage_config(tmp_path, "data.canvas_size=32", "data.image_size=32",
+                              "data.num_clutter=0", "data.train_canvases=256",
+                              "train.one_stage.epochs=4", "train.one_stage.backbone_lr=0.1",
+                              "train.one_stage.classifier_lr=0.1")
+    history = train(config, progress=False)[ONE_STAGE]
+    losses = [epoch["loss"] for epoch in history]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(math.isfinite(loss) for loss in losses)
+    # a PPO update after every classifier step: 8 batches per epoch
+    assert [epoch["ppo_updates"] for epoch in history] == [8, 8, 8, 8]
+    assert history[0]["random_fraction"] == 0.5 and history[-1]["random_fraction"] == 0.0
+    for key in ("ppo_approx_kl", "ppo_clip_fraction", "ppo_explained_variance", "ppo_entropy"):
+        assert all(key in epoch for epoch in history), key
+    assert len(history[-1]["ppo_reward_focus"]) == 2  # T 3: two focus steps
+    folder = tmp_path / "one-stage"
+    assert {p.name for p in folder.iterdir()} >= {"last.pt", "best.pt", "metrics.csv", "ppo.csv"}
+    rows = (folder / "ppo.csv").read_text().splitlines()
+    assert len(rows) == 1 + 32 and "approx_kl" in rows[0] and "reward_focus_2" in rows[0]
+    assert final_checkpoint(tmp_path, "one-stage") == folder / "last.pt"
+
+
+def test_the_policy_moves_and_everything_else_trains(tmp_path):
+    config = one_stage_config(tmp_path, "train.one_stage.epochs=1")
+    from glancefocus.model import GlanceFocusNet
+    from glancefocus.train.runtime import STREAM_INIT, derive_seed, seed_everything
+
+    seed_everything(derive_seed(config.train.seed, STREAM_INIT, ONE_STAGE))
+    before = GlanceFocusNet(config.model).state_dict()
+    train(config, progress=False)
+    after = weights(tmp_path / "one-stage" / "last.pt")
+    for part in ("policy.", "glance_encoder.", "focus_encoder.", "classifier."):
+        keys = [k for k in before if k.startswith(part) and before[k].is_floating_point()]
+        assert any(not torch.equal(before[k], after[k]) for k in keys), part
+
+
+def test_one_stage_model_evaluates_and_predicts_like_any_other(tmp_path):
+    train(one_stage_config(tmp_path), progress=False)
+    model = load_checkpoint(tmp_path / "one-stage" / "last.pt")
+    images = torch.randn(4, 1, 48, 48)
+    model.eval()
+    predictions = model.predict(images, thresholds=torch.full((3,), 2.0))
+    assert [p.exit_step for p in predictions] == [3, 3, 3, 3]
+    assert model.macs()["per_step"][0] > 0
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    reference = tmp_path / "reference"
+    train(one_stage_config(reference, "train.one_stage.epochs=3"), progress=False)
+
+    run = tmp_path / "interrupted"
+    config = one_stage_config(run, "train.one_stage.epochs=3")
+
+    def stop_after_epoch(epoch):
+        def hook(stage, training):
+            if training["epoch"] == epoch:
+                raise _Interrupt
+        return hook
+
+    with pytest.raises(_Interrupt):
+        train(config, progress=False, on_checkpoint=stop_after_epoch(1))
+    with pytest.raises(_Interrupt):
+        train(config, resume=True, progress=False, on_checkpoint=stop_after_epoch(2))
+    assert read_checkpoint(run / "one-stage" / "last.pt")["training"]["update"] == 6
+    train(config, resume=True, progress=False)
+    a, b = weights(reference / "one-stage" / "last.pt"), weights(run / "one-stage" / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the policy's log holds every update once
+    rows = (run / "one-stage" / "ppo.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == [str(u) for u in range(1, 10)]
+
+
+def test_accumulation_bf16_channels_last(tmp_path):
+    config = one_stage_config(tmp_path, "train.micro_batch=12", "train.amp=bf16",
+                              "train.channels_last=true", "train.one_stage.epochs=1")
+    epoch = train(config, progress=False)[ONE_STAGE][0]
+    assert math.isfinite(epoch["loss"]) and epoch["ppo_updates"] == 3
+
+
+def test_rollout_log_probs_under_autocast_are_the_updates_float32_ones():
+    from glancefocus.model import create_model
+
+    model = create_model("demo", patch_size=16)
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss(torch.randn(4, 1, 48, 48), torch.randint(0, 10, (4,)))
+    rollout = loss.take_rollout()
+    log_probs, values, _ = model.policy.evaluate(rollout.states, rollout.actions)
+    assert rollout.log_probs.dtype == torch.float32
+    assert torch.equal(rollout.log_probs, log_probs)  # PPO's first ratio is exactly 1
+
+
+def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
+    with pytest.raises(ValueError, match="drop --stage"):
+        train(one_stage_config(tmp_path), stages=[2], progress=False)
+    with pytest.raises(ValueError, match="train.recipe must be one of"):
+        train(one_stage_config(tmp_path, "train.recipe=two-stage"), progress=False)
+    with pytest.raises(ValueError, match="random_fraction_start must be in"):
+        train(one_stage_config(tmp_path, "train.one_stage.random_fraction_start=1.5"),
+              progress=False)
+
+
+def test_random_fraction_falls_linearly():
+    settings = load_config(None, ["train.one_stage.epochs=5"]).train.one_stage
+    assert [random_fraction(settings, e) for e in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+
+
+def test_loss_splits_the_batch_and_keeps_the_policy_rollout():
+    from glancefocus.model import create_model
+
+    model = create_model("demo", patch_size=16)
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.25)
+    images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
+    value, logits = loss(images, labels, torch.Generator().manual_seed(0))
+    value.backward()
+    assert logits.shape == (3, 8, 10)
+    assert all(p.grad is None for p in model.policy.parameters())  # PPO trains the policy
+    rollout = loss.take_rollout()
+    assert rollout.states.shape[:2] == (2, 6)   # 2 of 8 images at random locations
+    assert rollout.actions.shape == (2, 6, 2) and rollout.true_probs.shape == (3, 6)
+    assert loss.take_rollout() is None
+    assert OneStageLoss(model, 1.0, random_fraction=0.9).random_count(4) == 3  # one follows
+
+
+def test_print_config_counts_the_policy_updates(tmp_path):
+    text = describe_recipe(one_stage_config(tmp_path))
+    assert "one-stage: 2 epochs = 6 SGD steps, each followed by a PPO update" in text
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "glancefocus.cli", "train", "--preset", "demo", "--no-progress",
+               *TINY, "train.one_stage.epochs=1", f"train.out_dir={tmp_path}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "one-stage: the 2 processes hold identical weights" in output, output[-3000:]
+    assert (tmp_path / "one-stage" / "last.pt").is_file()
