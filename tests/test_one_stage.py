@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glancefocus.checkpoint import load_checkpoint, read_checkpoint
-from glancefocus.config import load_config
+from glancefocus.config import ConfigError, load_config
 from glancefocus.presets import get_preset
 from glancefocus.train import train
 from glancefocus.train.command import describe_recipe
@@ -180,3 +180,16 @@ def test_ddp_two_processes_agree(tmp_path):
     assert done.returncode == 0, output[-3000:]
     assert "one-stage: the 2 processes hold identical weights" in output, output[-3000:]
     assert (tmp_path / "one-stage" / "last.pt").is_file()
+
+
+def test_a_run_saved_before_the_recipe_key_existed_still_resumes():
+    from glancefocus.config import to_dict
+    from glancefocus.train.state import check_same_run
+
+    current = to_dict(load_config(None, [], base=get_preset("demo")))
+    older = {section: dict(values) for section, values in current.items()}
+    del older["train"]["recipe"], older["train"]["one_stage"]
+    check_same_run(older, current, "RUN/stage1/last.pt")  # settings newer than the run: no error
+    changed = to_dict(load_config(None, ["train.recipe=one-stage"], base=get_preset("demo")))
+    with pytest.raises(ConfigError, match="train.recipe"):
+        check_same_run(current, changed, "RUN/stage1/last.pt")

@@ -147,7 +147,9 @@ def class_sized_layers(model) -> list[str]:
 
 
 def check_same_run(stored: dict, current: dict, path) -> None:
-    """Refuse to resume with a configuration other than the run's, naming the keys that differ."""
+    """Refuse to resume with a configuration other than the run's, naming the keys that differ.
+    Keys the run's configuration lacks (it was written by an earlier version, which had no such
+    setting) are not compared."""
     differences = [key for key in _differing_keys(stored, current) if key not in MAY_DIFFER_ON_RESUME]
     if differences:
         shown = "; ".join(f"{key}: {_lookup(stored, key)!r} in the run, {_lookup(current, key)!r} now"
@@ -157,11 +159,13 @@ def check_same_run(stored: dict, current: dict, path) -> None:
                           "run in another train.out_dir")
 
 
-def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _differing_keys(stored: dict, current: dict, prefix: str = "") -> list[str]:
     keys = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(stored) | set(current)):
+        if key not in stored:
+            continue  # a setting newer than the run
         path = f"{prefix}{key}"
-        left, right = a.get(key), b.get(key)
+        left, right = stored.get(key), current.get(key)
         if isinstance(left, dict) and isinstance(right, dict):
             keys += _differing_keys(left, right, f"{path}.")
         elif left != right:
