@@ -14,6 +14,9 @@ from .ppo import Rollout
 ZERO_REWARD = 1e-3
 """Mean |reward| below which the policy gets no signal to learn from."""
 
+WARN_EVERY = 100
+"""Repeat a reward warning at most this often (in updates) while it persists."""
+
 
 def explain_rewards(rollout: Rollout, num_classes: int,
                     recipe: str = "three-stage") -> Optional[str]:

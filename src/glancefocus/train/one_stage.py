@@ -22,17 +22,13 @@ from typing import Optional
 
 import torch
 
-from .diagnosis import explain_rewards
+from .diagnosis import WARN_EVERY, explain_rewards
 from .faults import NonFiniteGuard
 from .one_stage_loss import OneStageLoss
 from .ppo import PPOLoss, ppo_update
 from .runtime import Runtime
 
 log = logging.getLogger("glancefocus.train")
-
-WARN_EVERY = 100
-"""Repeat a reward warning at most this often (in updates) while it persists."""
-
 
 class InterleavedPPO:
     """The policy's optimiser and the PPO update that follows every classifier step."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ppo import Rollout
+from .ppo import Rollout, join_rollouts, rollout_of
 
 
 class OneStageLoss(nn.Module):
@@ -67,27 +67,13 @@ class OneStageLoss(nn.Module):
             dsn = dsn + F.cross_entropy(out.aux_logits.float(), labels)
         logits = torch.stack(logits).detach()
         if states and bool(follows.any()):
-            self._rollouts.append(self._rollout(torch.stack(states)[:, follows],
-                                                torch.stack(actions)[:, follows],
-                                                logits[:, follows], labels[follows]))
+            self._rollouts.append(rollout_of(policy, torch.stack(states)[:, follows],
+                                             torch.stack(actions)[:, follows],
+                                             logits[:, follows], labels[follows]))
         return (ce + self.dsn_ratio * dsn) / len(logits), logits
-
-    @torch.no_grad()
-    def _rollout(self, states, actions, logits, labels) -> Rollout:
-        # the collecting policy's log-probabilities in float32, as PPO's update computes them
-        # (outside autocast), so that its first ratio is exactly 1
-        with torch.autocast(states.device.type, enabled=False):
-            log_probs, values, _ = self.model.policy.evaluate(states, actions)
-        logits = logits.float()
-        true_probs = logits.softmax(-1).gather(
-            2, labels.view(1, -1, 1).expand(len(logits), -1, 1))[..., 0]
-        return Rollout(states, actions, log_probs, values, true_probs, logits.argmax(-1) == labels)
 
     def take_rollout(self) -> Optional[Rollout]:
         """The rollout of the images that followed the policy since the last call (micro-batches
         joined), or None when there were none."""
         parts, self._rollouts = self._rollouts, []
-        if not parts:
-            return None
-        fields = [f.name for f in dataclasses.fields(Rollout)]
-        return Rollout(*(torch.cat([getattr(p, name) for p in parts], dim=1) for name in fields))
+        return join_rollouts(parts) if parts else None

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .context import StageRun
-from .diagnosis import explain_rewards
+from .diagnosis import WARN_EVERY, explain_rewards
 from .evaluation import evaluate_anytime
 from .loaders import (
     StandIn,
@@ -33,10 +33,6 @@ from .runtime import STREAM_GLOBAL, STREAM_PPO
 from .supervised import format_steps
 
 log = logging.getLogger("glancefocus.train")
-
-WARN_EVERY = 100
-"""Repeat a reward warning at most this often (in updates) while it persists."""
-
 
 def run_policy_stage(run: StageRun) -> list[dict]:
     model, runtime, config = run.model, run.runtime, run.config

@@ -11,6 +11,7 @@ update moved it (measured before the first step, they would always be 0).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,14 +43,14 @@ def collect_rollout(model, images: torch.Tensor, labels: torch.Tensor, runtime: 
                     generator: torch.Generator, micro_batch: int = 0) -> Rollout:
     """Run the frozen model with sampled locations, micro-batch by micro-batch."""
     size = micro_batch if micro_batch > 0 else images.shape[0]
-    parts = [_rollout_part(model, x, y, runtime, generator)
-             for x, y in zip(images.split(size), labels.split(size))]
-    return Rollout(*(torch.cat(tensors, dim=1) for tensors in zip(*(_fields(p) for p in parts))))
+    return join_rollouts([_rollout_part(model, x, y, runtime, generator)
+                          for x, y in zip(images.split(size), labels.split(size))])
 
 
-def _fields(rollout: Rollout):
-    return (rollout.states, rollout.actions, rollout.log_probs, rollout.values,
-            rollout.true_probs, rollout.correct)
+def join_rollouts(parts: list[Rollout]) -> Rollout:
+    """One rollout of the images of several (micro-batch) rollouts."""
+    fields = [f.name for f in dataclasses.fields(Rollout)]
+    return Rollout(*(torch.cat([getattr(p, name) for p in parts], dim=1) for name in fields))
 
 
 def _rollout_part(model, images, labels, runtime: Runtime, generator) -> Rollout:
@@ -62,11 +63,19 @@ def _rollout_part(model, images, labels, runtime: Runtime, generator) -> Rollout
             out = model.step(images, out.state, sample=True, generator=generator)
             actions.append(out.location)
             logits.append(out.logits)
-    states, actions = torch.stack(states), torch.stack(actions)
-    # the collecting policy's log-probabilities and values, in float32 whatever the autocast
-    # dtype, so that PPO's first ratio is exactly 1
-    log_probs, values, _ = model.policy.evaluate(states, actions)
-    logits = torch.stack(logits).float()
+    return rollout_of(model.policy, torch.stack(states), torch.stack(actions),
+                      torch.stack(logits), labels)
+
+
+@torch.no_grad()
+def rollout_of(policy, states: torch.Tensor, actions: torch.Tensor, logits: torch.Tensor,
+               labels: torch.Tensor) -> Rollout:
+    """The rollout of an episode: states [S, B, ...], actions [S, B, 2], logits [T, B, K]."""
+    # the collecting policy's log-probabilities and values in float32, outside autocast, as
+    # PPO's update computes them, so that its first ratio is exactly 1
+    with torch.autocast(states.device.type, enabled=False):
+        log_probs, values, _ = policy.evaluate(states, actions)
+    logits = logits.float()
     true_probs = logits.softmax(-1).gather(2, labels.view(1, -1, 1).expand(len(logits), -1, 1))[..., 0]
     return Rollout(states, actions, log_probs, values, true_probs, logits.argmax(-1) == labels)
 
