@@ -169,6 +169,7 @@ class OnnxEngine:
                               opset_version=18, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

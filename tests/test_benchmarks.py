@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/train_step.py and benchmarks/memory.py on the tiny demo preset,
-and of the channels-last crop.
+"""Smoke tests of benchmarks/train_step.py, benchmarks/memory.py, benchmarks/onnx_parity.py and
+benchmarks/recipes.py on the tiny demo preset, and of the channels-last crop.
 Timings are only produced here, never asserted."""
 from __future__ import annotations
 
@@ -113,3 +113,22 @@ def test_recipes_benchmark_trains_both_and_checks_the_goals(tmp_path):
     goals = written["goals"]
     assert goals["time_ratio"] == written["one_stage"]["seconds"] / written["three_stage"]["seconds"]
     assert isinstance(goals["accuracy_holds"], bool) and isinstance(goals["time_holds"], bool)
+
+
+def test_onnx_parity_compares_logits_boxes_and_exits_at_five_budgets():
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    import onnx_parity
+
+    torch.manual_seed(0)
+    model = create_model("demo", patch_size=16).eval()
+    images, calibration = torch.randn(12, 1, 48, 48), torch.randn(16, 1, 48, 48)
+    report = onnx_parity.parity(model, images, calibration, "tiny demo", batch_size=5)
+    assert report["images"] == 12 and len(report["logits_max_abs_difference_per_step"]) == 3
+    assert max(report["logits_max_abs_difference_per_step"]) <= onnx_parity.LOGIT_TOLERANCE
+    assert report["boxes_identical"]
+    assert [b["budget_q"] for b in report["budgets"]] == list(onnx_parity.BUDGET_RATIOS)
+    for budget in report["budgets"]:
+        assert budget["identical"] == (budget["differing_images"] == 0)
+        assert abs(sum(budget["exit_share"]) - 1) < 1e-9

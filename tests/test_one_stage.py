@@ -141,6 +141,8 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
     with pytest.raises(ValueError, match="random_fraction_start must be in"):
         train(one_stage_config(tmp_path, "train.one_stage.random_fraction_start=1.5"),
               progress=False)
+    with pytest.raises(ValueError, match="glance_loss_weight must be > 0"):
+        train(one_stage_config(tmp_path, "train.one_stage.glance_loss_weight=0"), progress=False)
 
 
 def test_random_fraction_falls_linearly():
@@ -163,6 +165,20 @@ def test_loss_splits_the_batch_and_keeps_the_policy_rollout():
     assert rollout.actions.shape == (2, 6, 2) and rollout.true_probs.shape == (3, 6)
     assert loss.take_rollout() is None
     assert OneStageLoss(model, 1.0, random_fraction=0.9).random_count(4) == 3  # one follows
+
+
+def test_glance_weight_makes_a_weighted_mean_of_the_steps_losses():
+    import torch.nn.functional as F
+
+    from glancefocus.model import create_model
+
+    model = create_model("demo", patch_size=16)
+    images, labels = torch.randn(4, 1, 48, 48), torch.randint(0, 10, (4,))
+    loss = OneStageLoss(model, dsn_ratio=0.0, random_fraction=1.0, glance_weight=3.0)
+    value, logits = loss(images, labels, torch.Generator().manual_seed(0))
+    steps = [F.cross_entropy(step, labels) for step in logits]
+    expected = (3.0 * steps[0] + steps[1] + steps[2]) / 5.0
+    assert torch.allclose(value, expected, rtol=1e-5)
 
 
 def test_print_config_counts_the_policy_updates(tmp_path):

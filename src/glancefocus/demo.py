@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     from .cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "demo", help="train and measure a GFNet on cluttered MNIST (CPU, about 15 minutes)",
+        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: 11-32 minutes)",
         description="Train a small GFNet on cluttered MNIST (in three stages, or in one with "
                     "--recipe one-stage), and the "
                     "same CNN as a static baseline; measure both on 5,000 test canvases and write "

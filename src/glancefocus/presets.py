@@ -111,10 +111,12 @@ PRESETS: dict[str, dict] = {
             "stage2": dict(epochs=1, updates=800, ppo_lr=3e-4),
             "stage3": dict(epochs=5, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
-            # `glancefocus demo --recipe one-stage`
+            # `glancefocus demo --recipe one-stage`; the glance's loss weighs twice a focus
+            # step's (measured: 91.64 / 97.00 / 97.44 % against 90.96 / 96.46 / 97.20 % at 1)
             "one_stage": dict(epochs=8, backbone_lr=0.1, classifier_lr=0.1, weight_decay=1e-4,
                               dsn_ratio=1.0, train_glance_encoder=True, ppo_lr=3e-4,
-                              random_fraction_start=0.5, random_fraction_end=0.0),
+                              random_fraction_start=0.5, random_fraction_end=0.0,
+                              glance_loss_weight=2.0),
         },
     },
 }

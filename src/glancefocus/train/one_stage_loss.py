@@ -6,7 +6,11 @@ mean, computed without gradients), except for a share `random_fraction` of the b
 at uniform random locations, as stage 1 does: those keep the focus encoder able to read a patch
 anywhere, so that the policy's rewards stay informative while it is still learning where to look.
 The loss is stage 1's (cross-entropy of every step, plus the encoders' own heads), over the whole
-batch. The images that followed the policy form its PPO rollout (states, actions, the true class's
+batch, except that the glance's cross-entropy may weigh more than a focus step's
+(`glance_weight`): the glance is the step a one-stage run trains for fewer epochs than the
+three-stage recipe does, and the one the earliest exits depend on.
+
+The images that followed the policy form its PPO rollout (states, actions, the true class's
 probability after every step), collected from the same forward pass: the policy's updates cost no
 extra pass through the encoders.
 """
@@ -26,10 +30,12 @@ class OneStageLoss(nn.Module):
     """forward(images, labels, generator) -> (loss, per-step logits [T, B, K]); the rollouts of
     the calls since the last `take_rollout()` are kept until then."""
 
-    def __init__(self, model, dsn_ratio: float, random_fraction: float = 0.5):
+    def __init__(self, model, dsn_ratio: float, random_fraction: float = 0.5,
+                 glance_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.dsn_ratio = dsn_ratio
+        self.glance_weight = glance_weight
         self.random_fraction = random_fraction
         self._rollouts: list[Rollout] = []
 
@@ -46,7 +52,7 @@ class OneStageLoss(nn.Module):
         batch = images.shape[0]
         follows = torch.arange(batch, device=images.device) >= self.random_count(batch)
         out = model.step(images, aux=True)
-        ce = F.cross_entropy(out.logits.float(), labels)
+        ce = self.glance_weight * F.cross_entropy(out.logits.float(), labels)
         dsn = F.cross_entropy(out.aux_logits.float(), labels)
         logits, states, actions = [out.logits], [], []
         for _ in range(1, model.config.max_steps):
@@ -70,7 +76,9 @@ class OneStageLoss(nn.Module):
             self._rollouts.append(rollout_of(policy, torch.stack(states)[:, follows],
                                              torch.stack(actions)[:, follows],
                                              logits[:, follows], labels[follows]))
-        return (ce + self.dsn_ratio * dsn) / len(logits), logits
+        steps = len(logits)
+        # a weighted mean over the steps, so the weight moves the balance, not the step size
+        return ce / (self.glance_weight + steps - 1) + self.dsn_ratio * dsn / steps, logits
 
     def take_rollout(self) -> Optional[Rollout]:
         """The rollout of the images that followed the policy since the last call (micro-batches

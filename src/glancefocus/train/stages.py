@@ -140,7 +140,7 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
                              "choose: drop --stage (or use train.recipe=three-stage)")
         if config.train.one_stage.epochs < 1:
             raise ValueError(f"train.one_stage.epochs must be >= 1, got {config.train.one_stage.epochs}")
-        _check_random_fraction(config.train.one_stage)
+        _check_one_stage_settings(config.train.one_stage)
         return (ONE_STAGE,)
     stages = ALL_STAGES if stages is None else tuple(stages)
     if not stages or any(s not in ALL_STAGES for s in stages) or list(stages) != sorted(set(stages)):
@@ -152,11 +152,14 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
     return stages
 
 
-def _check_random_fraction(settings) -> None:
+def _check_one_stage_settings(settings) -> None:
     for key in ("random_fraction_start", "random_fraction_end"):
         value = getattr(settings, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"train.one_stage.{key} must be in [0, 1], got {value}")
+    if not settings.glance_loss_weight > 0:
+        raise ValueError("train.one_stage.glance_loss_weight must be > 0, got "
+                         f"{settings.glance_loss_weight}")
 
 
 def _starting_point(config: RunConfig, stage: int, resume: bool, init: Optional[str]):

@@ -37,7 +37,8 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
     batch_size = per_process_batch(config.train.batch_size, runtime)
     learner = None
     if stage == ONE_STAGE:
-        plain_loss = OneStageLoss(model, stage_config.dsn_ratio)
+        plain_loss = OneStageLoss(model, stage_config.dsn_ratio,
+                                  glance_weight=stage_config.glance_loss_weight)
         # the classifier's DistributedDataParallel leaves the policy out: PPO trains it
         with _policy_frozen(model):
             loss_module = runtime.wrap(plain_loss)
