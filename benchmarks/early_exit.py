@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from glancefocus import create_model, exits, load_checkpoint
+from glancefocus.atomic import write_json
 from glancefocus.config import DataConfig, from_dict
 from glancefocus.data.cluttered_mnist import ClutteredMNIST
 from glancefocus.evaluate import data_config_for
@@ -421,10 +422,9 @@ def main() -> None:
                                                  args.resnet_batch_size, args.repeats,
                                                  args.channels_last, engines, args.batch1_images)
     report["load_average_after"] = list(os.getloadavg())
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

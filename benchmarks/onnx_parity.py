@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 from early_exit import batches, demo_setup, resnet50_setup  # noqa: E402
 
 from glancefocus import exits  # noqa: E402
+from glancefocus.atomic import write_json  # noqa: E402
 from glancefocus.export import export_onnx  # noqa: E402
 from glancefocus.predictor import Predictor  # noqa: E402
 from glancefocus.runtime import ExportedModel, ExportedPredictor  # noqa: E402
@@ -41,15 +41,11 @@ LOGIT_TOLERANCE = 1e-4
 
 
 def torch_steps(model, chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step logits [T, B, K] and boxes [T, B, 4] of model.step, step after step."""
-    logits, boxes, state = [], [], None
+    """Per-step logits [T, B, K] and boxes [T, B, 4] of the model's full pass (model.step, step
+    after step)."""
     with torch.inference_mode():
-        for _ in range(model.config.max_steps):
-            out = model.step(chunk, state)
-            logits.append(out.logits.float().numpy())
-            boxes.append(out.box.numpy())
-            state = out.state
-    return np.stack(logits), np.stack(boxes)
+        out = model(chunk)
+    return out.logits.float().numpy(), out.boxes.numpy()
 
 
 def onnx_steps(exported: ExportedModel, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +147,9 @@ def main() -> None:
         report["models"]["resnet50"] = parity(model, images, calibration, source,
                                               args.resnet_batch_size)
     report["holds"] = all(m["holds"] for m in report["models"].values())
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import os
 import pickle
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,3 +31,22 @@ def write_crafted_pickle():
             pickle.dump({**extra, key: _Exploit(str(marker))}, handle)
 
     return write
+
+
+@pytest.fixture
+def torchrun_train():
+    """run(*overrides) -> output: `glancefocus train --preset demo` under torchrun with 2 CPU
+    processes (--standalone: a free port, so parallel runs do not collide); fails the test with
+    the output's end unless it exits 0."""
+
+    def run(*overrides):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", "-m", "glancefocus.cli", "train", "--preset", "demo",
+                   "--no-progress", *overrides]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-3000:]
+        return output
+
+    return run

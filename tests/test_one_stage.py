@@ -3,8 +3,6 @@ is updated during the run, resume is exact, two processes agree, and its model i
 any other."""
 import math
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -186,14 +184,8 @@ def test_print_config_counts_the_policy_updates(tmp_path):
     assert "one-stage: 2 epochs = 6 SGD steps, each followed by a PPO update" in text
 
 
-def test_ddp_two_processes_agree(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "glancefocus.cli", "train", "--preset", "demo", "--no-progress",
-               *TINY, "train.one_stage.epochs=1", f"train.out_dir={tmp_path}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
+def test_ddp_two_processes_agree(tmp_path, torchrun_train):
+    output = torchrun_train(*TINY, "train.one_stage.epochs=1", f"train.out_dir={tmp_path}")
     assert "one-stage: the 2 processes hold identical weights" in output, output[-3000:]
     assert (tmp_path / "one-stage" / "last.pt").is_file()
 

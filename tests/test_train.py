@@ -2,8 +2,6 @@
 import glob
 import math
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -191,15 +189,9 @@ def test_fp16_on_cpu_is_refused(tmp_path):
         train(tiny_config(tmp_path, "train.amp=fp16", "train.device=cpu"), progress=False)
 
 
-def test_ddp_two_processes_agree(tmp_path):
-    # --standalone: a free port, so parallel runs do not collide
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "glancefocus.cli", "train", "--preset", "demo", "--no-progress",
-               *TINY, "train.stage1.epochs=1", "train.stage2.updates=2", f"train.out_dir={tmp_path}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
+def test_ddp_two_processes_agree(tmp_path, torchrun_train):
+    output = torchrun_train(*TINY, "train.stage1.epochs=1", "train.stage2.updates=2",
+                            f"train.out_dir={tmp_path}")
     # each stage ends by comparing every process's weights and says so
     assert output.count("the 2 processes hold identical weights") == 3, output[-3000:]
     for stage in (1, 2, 3):
