@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -115,9 +116,30 @@ def test_recipes_benchmark_trains_both_and_checks_the_goals(tmp_path):
     assert isinstance(goals["accuracy_holds"], bool) and isinstance(goals["time_holds"], bool)
 
 
-def test_onnx_parity_compares_logits_boxes_and_exits_at_five_budgets():
-    import pytest
+def test_recipes_benchmark_averages_seeds():
+    import recipes
 
+    runs = [{"seconds": 10.0, "anytime_accuracy": [90.0, 96.0], "hit_rate": [0.5]},
+            {"seconds": 20.0, "anytime_accuracy": [92.0, 96.0], "hit_rate": [0.7]}]
+    summary = recipes.mean_over_seeds(runs, [0, 1])
+    assert summary["seconds"] == 15.0
+    assert summary["anytime_accuracy"] == [91.0, 96.0]
+    assert summary["hit_rate"] == [0.6]
+    assert summary["anytime_accuracy_std"][0] == pytest.approx(2 ** 0.5)
+    assert summary["anytime_accuracy_std"][1] == 0.0
+    assert summary["seeds"] == [0, 1] and summary["runs"] == runs
+
+
+def test_recipes_benchmark_refuses_bad_seeds(capsys):
+    import recipes
+
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(SystemExit):
+            recipes.main(["--seeds", bad])
+        assert "--seeds" in capsys.readouterr().err
+
+
+def test_onnx_parity_compares_logits_boxes_and_exits_at_five_budgets():
     pytest.importorskip("onnxruntime")
     import onnx_parity
 

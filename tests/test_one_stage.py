@@ -141,6 +141,8 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
               progress=False)
     with pytest.raises(ValueError, match="glance_loss_weight must be > 0"):
         train(one_stage_config(tmp_path, "train.one_stage.glance_loss_weight=0"), progress=False)
+    with pytest.raises(ValueError, match=r"focus_fraction must be in \(0, 1\]"):
+        train(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0"), progress=False)
 
 
 def test_random_fraction_falls_linearly():
@@ -179,9 +181,38 @@ def test_glance_weight_makes_a_weighted_mean_of_the_steps_losses():
     assert torch.allclose(value, expected, rtol=1e-5)
 
 
+def test_focus_fraction_trains_the_glance_on_the_whole_batch_and_the_focus_on_part():
+    import torch.nn.functional as F
+
+    from glancefocus.model import create_model
+
+    model = create_model("demo", patch_size=16)
+    images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
+    loss = OneStageLoss(model, dsn_ratio=0.0, random_fraction=0.5, focus_fraction=0.5)
+    value, logits = loss(images, labels, torch.Generator().manual_seed(0))
+    assert logits.shape == (3, 8, 10)
+    assert logits[0].isfinite().all()                    # every image glanced
+    assert logits[1:, :4].isfinite().all() and logits[1:, 4:].isnan().all()
+    steps = [F.cross_entropy(logits[0], labels)]
+    steps += [F.cross_entropy(step[:4], labels[:4]) for step in logits[1:]]
+    assert torch.allclose(value, sum(steps) / 3, rtol=1e-5)
+    rollout = loss.take_rollout()
+    assert rollout.states.shape[:2] == (2, 2)            # of 4 focusing images, 2 follow
+
+
+def test_training_accuracy_counts_only_the_steps_an_image_took(tmp_path):
+    config = one_stage_config(tmp_path, "train.one_stage.epochs=1",
+                              "train.one_stage.focus_fraction=0.5")
+    epoch = train(config, progress=False)[ONE_STAGE][0]
+    assert math.isfinite(epoch["loss"]) and epoch["ppo_updates"] == 3
+    assert all(0.0 <= acc <= 100.0 for acc in epoch["train_accuracy"])
+
+
 def test_print_config_counts_the_policy_updates(tmp_path):
     text = describe_recipe(one_stage_config(tmp_path))
     assert "one-stage: 2 epochs = 6 SGD steps, each followed by a PPO update" in text
+    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0.5"))
+    assert "PPO update of the policy; the focus steps on 50% of each batch" in text
 
 
 def test_ddp_two_processes_agree(tmp_path, torchrun_train):

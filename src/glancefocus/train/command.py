@@ -117,8 +117,10 @@ def describe_recipe(config: RunConfig) -> str:
             f"training images: {len(train_set)}, batch {batch}: {steps_per_epoch} steps per epoch"]
     if config.train.recipe == "one-stage":
         one = config.train.one_stage
+        focus = ("" if one.focus_fraction >= 1 else
+                 f"; the focus steps on {one.focus_fraction:.0%} of each batch")
         lines = head + [f"one-stage: {one.epochs} epochs = {one.epochs * steps_per_epoch} SGD "
-                        "steps, each followed by a PPO update of the policy"]
+                        f"steps, each followed by a PPO update of the policy{focus}"]
     else:
         stage2 = config.train.stage2
         updates = stage2.updates or stage2.epochs * steps_per_epoch

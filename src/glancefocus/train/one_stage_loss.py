@@ -5,10 +5,14 @@ Every focus step, the current policy proposes a location for each image (a sampl
 mean, computed without gradients), except for a share `random_fraction` of the batch, which looks
 at uniform random locations, as stage 1 does: those keep the focus encoder able to read a patch
 anywhere, so that the policy's rewards stay informative while it is still learning where to look.
-The loss is stage 1's (cross-entropy of every step, plus the encoders' own heads), over the whole
-batch, except that the glance's cross-entropy may weigh more than a focus step's
-(`glance_weight`): the glance is the step a one-stage run trains for fewer epochs than the
-three-stage recipe does, and the one the earliest exits depend on.
+The loss is stage 1's (cross-entropy of every step, plus the encoders' own heads), except that
+the glance's cross-entropy may weigh more than a focus step's (`glance_weight`), and that only a
+share of the batch (`focus_fraction`, the first images) may take the focus steps while every
+image takes the glance. Both serve the glance: it is the step a one-stage run trains for fewer
+epochs than the three-stage recipe does, and the one the earliest exits depend on. Its accuracy
+follows the passes over the data it gets; the focus steps cost two thirds of a step at T 3, so
+with focus steps on half of each batch an epoch costs about a third less, and the same time buys
+the glance half as many epochs again.
 
 The images that followed the policy form its PPO rollout (states, actions, the true class's
 probability after every step), collected from the same forward pass: the policy's updates cost no
@@ -31,18 +35,23 @@ class OneStageLoss(nn.Module):
     the calls since the last `take_rollout()` are kept until then."""
 
     def __init__(self, model, dsn_ratio: float, random_fraction: float = 0.5,
-                 glance_weight: float = 1.0):
+                 glance_weight: float = 1.0, focus_fraction: float = 1.0):
         super().__init__()
         self.model = model
         self.dsn_ratio = dsn_ratio
         self.glance_weight = glance_weight
+        self.focus_fraction = focus_fraction
         self.random_fraction = random_fraction
         self._rollouts: list[Rollout] = []
 
+    def focus_count(self, batch: int) -> int:
+        """How many images of a batch take the focus steps: the first ones (at least one)."""
+        return max(1, min(batch, round(self.focus_fraction * batch)))
+
     def random_count(self, batch: int) -> int:
-        """How many images of a batch look at random locations: the first ones (batches are
-        shuffled). At least one image follows the policy unless the fraction is 1, so every
-        process of a run has a rollout at every step."""
+        """How many of `batch` focusing images look at random locations: the first ones
+        (batches are shuffled). At least one image follows the policy unless the fraction is 1,
+        so every process of a run has a rollout at every step."""
         if self.random_fraction >= 1.0:
             return batch
         return min(int(self.random_fraction * batch), batch - 1)
@@ -50,13 +59,14 @@ class OneStageLoss(nn.Module):
     def forward(self, images, labels, generator: Optional[torch.Generator] = None):
         model, policy = self.model, self.model.policy
         batch = images.shape[0]
-        follows = torch.arange(batch, device=images.device) >= self.random_count(batch)
         out = model.step(images, aux=True)
-        ce = self.glance_weight * F.cross_entropy(out.logits.float(), labels)
-        dsn = F.cross_entropy(out.aux_logits.float(), labels)
-        logits, states, actions = [out.logits], [], []
+        glance_logits, dsn = out.logits, F.cross_entropy(out.aux_logits.float(), labels)
+        focused = self.focus_count(batch)
+        state = out.state if focused == batch else out.state.select(slice(0, focused))
+        images, focus_labels = images[:focused], labels[:focused]
+        follows = torch.arange(focused, device=images.device) >= self.random_count(focused)
+        logits, states, actions = [glance_logits[:focused]], [], []
         for _ in range(1, model.config.max_steps):
-            state = out.state
             with torch.no_grad():
                 feature_map = state.feature_map.detach().float()
                 proposal = policy(feature_map, state.policy_hidden)
@@ -68,20 +78,38 @@ class OneStageLoss(nn.Module):
             actions.append(action)
             out = model.step(images, dataclasses.replace(state, policy_hidden=proposal.hidden),
                              location=location, aux=True)
+            state = out.state
             logits.append(out.logits)
-            ce = ce + F.cross_entropy(out.logits.float(), labels)
-            dsn = dsn + F.cross_entropy(out.aux_logits.float(), labels)
+            dsn = dsn + F.cross_entropy(out.aux_logits.float(), focus_labels)
+        # the glance's cross-entropy over the whole batch, the focus steps' over their images
+        ce = [F.cross_entropy(glance_logits.float(), labels)]
+        ce += [F.cross_entropy(step.float(), focus_labels) for step in logits[1:]]
         logits = torch.stack(logits).detach()
         if states and bool(follows.any()):
             self._rollouts.append(rollout_of(policy, torch.stack(states)[:, follows],
                                              torch.stack(actions)[:, follows],
-                                             logits[:, follows], labels[follows]))
+                                             logits[:, follows], focus_labels[follows]))
         steps = len(logits)
         # a weighted mean over the steps, so the weight moves the balance, not the step size
-        return ce / (self.glance_weight + steps - 1) + self.dsn_ratio * dsn / steps, logits
+        weights = [self.glance_weight] + [1.0] * (steps - 1)
+        ce = sum(w * loss for w, loss in zip(weights, ce)) / sum(weights)
+        return ce + self.dsn_ratio * dsn / steps, _pad_unfocused(glance_logits.detach(), logits)
 
     def take_rollout(self) -> Optional[Rollout]:
         """The rollout of the images that followed the policy since the last call (micro-batches
         joined), or None when there were none."""
         parts, self._rollouts = self._rollouts, []
         return join_rollouts(parts) if parts else None
+
+
+def _pad_unfocused(glance_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The per-step logits [T, B, K] of the whole batch: the glance's for every image, NaN at
+    the focus steps of the images that did not take them (training accuracy skips those)."""
+    focused = logits.shape[1]
+    if focused == glance_logits.shape[0]:
+        return logits
+    padded = logits.new_full((logits.shape[0], glance_logits.shape[0], logits.shape[2]),
+                             float("nan"))
+    padded[0] = glance_logits
+    padded[:, :focused] = logits
+    return padded

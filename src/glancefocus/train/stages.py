@@ -157,6 +157,9 @@ def _check_one_stage_settings(settings) -> None:
         value = getattr(settings, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"train.one_stage.{key} must be in [0, 1], got {value}")
+    if not 0.0 < settings.focus_fraction <= 1.0:
+        raise ValueError("train.one_stage.focus_fraction must be in (0, 1], got "
+                         f"{settings.focus_fraction}")
     if not settings.glance_loss_weight > 0:
         raise ValueError("train.one_stage.glance_loss_weight must be > 0, got "
                          f"{settings.glance_loss_weight}")

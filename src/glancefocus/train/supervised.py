@@ -77,7 +77,9 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
     The running totals stay on the device; a step waits for it only to decide whether its loss
     was finite (see faults.py) and the progress bar every LOG_EVERY batches.
     """
-    totals = runtime.counters(2 + steps)  # loss sum, images counted, correct per step
+    # loss sum, images, correct per step, images per step (the one-stage recipe may train
+    # only the glance of part of a batch)
+    totals = runtime.counters(2 + 2 * steps)
     skipped_before = guard.count
     stand_in = StandIn(getattr(loader, "dataset", None))
     bar = tqdm(loader, desc=description, disable=not (progress and runtime.is_main),
@@ -115,19 +117,19 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
         _show_progress(bar, totals)
     bar.close()
     totals = runtime.sum_across_ranks(totals)
-    seen = max(float(totals[1]), 1.0)
-    return {"loss": float(totals[0]) / seen,
-            "train_accuracy": (totals[2:] * 100 / seen).tolist(),
+    return {"loss": float(totals[0]) / max(float(totals[1]), 1.0),
+            "train_accuracy": _accuracies(totals.tolist(), steps),
             "skipped_nonfinite": guard.count - skipped_before}
 
 
 def _train_step(loss_module, images, labels, optimizer, runtime: Runtime, steps: int,
                 micro_batch: int, scaler, generator, weight: float) -> torch.Tensor:
     """Forward and backward of one batch, micro-batch by micro-batch; its totals (loss sum,
-    images, correct per step) on the device, times `weight` (0 for a stand-in batch)."""
+    images, correct per step, images per step) on the device, times `weight` (0 for a stand-in
+    batch). Logits rows of NaN mark a step an image did not take."""
     optimizer.zero_grad(set_to_none=True)
     parts = micro_batches(images, labels, micro_batch)
-    totals = runtime.counters(2 + steps)
+    totals = runtime.counters(2 + 2 * steps)
     for index, (x, y) in enumerate(parts):
         # gradients are synced across processes once, after the last micro-batch
         last = index == len(parts) - 1
@@ -141,15 +143,23 @@ def _train_step(loss_module, images, labels, optimizer, runtime: Runtime, steps:
             (scaler.scale(share) if scaler is not None else share).backward()
         totals[0] += loss.detach().to(totals.dtype) * x.shape[0]
         totals[1] += x.shape[0]
-        totals[2:] += (logits.argmax(-1) == y).sum(1).to(totals.dtype)
+        taken = logits[..., 0].isfinite()
+        totals[2:2 + steps] += ((logits.argmax(-1) == y) & taken).sum(1).to(totals.dtype)
+        totals[2 + steps:] += taken.sum(1).to(totals.dtype)
     return totals * weight if weight != 1.0 else totals
 
 
 def _show_progress(bar, totals: torch.Tensor) -> None:
     values = totals.tolist()  # the one read of the device's totals
-    seen = max(values[1], 1.0)
-    bar.set_postfix_str(f"loss {values[0] / seen:.3f} "
-                        f"acc {format_steps([v * 100 / seen for v in values[2:]])}")
+    steps = (len(values) - 2) // 2
+    bar.set_postfix_str(f"loss {values[0] / max(values[1], 1.0):.3f} "
+                        f"acc {format_steps(_accuracies(values, steps))}")
+
+
+def _accuracies(values: list, steps: int) -> list:
+    """Per-step training accuracy (percent) from the totals' correct and counted images."""
+    return [correct * 100 / max(counted, 1.0)
+            for correct, counted in zip(values[2:2 + steps], values[2 + steps:])]
 
 
 def format_steps(values) -> str:

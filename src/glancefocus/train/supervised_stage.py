@@ -38,7 +38,8 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
     learner = None
     if stage == ONE_STAGE:
         plain_loss = OneStageLoss(model, stage_config.dsn_ratio,
-                                  glance_weight=stage_config.glance_loss_weight)
+                                  glance_weight=stage_config.glance_loss_weight,
+                                  focus_fraction=stage_config.focus_fraction)
         # the classifier's DistributedDataParallel leaves the policy out: PPO trains it
         with _policy_frozen(model):
             loss_module = runtime.wrap(plain_loss)
