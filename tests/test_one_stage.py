@@ -200,12 +200,32 @@ def test_focus_fraction_trains_the_glance_on_the_whole_batch_and_the_focus_on_pa
     assert rollout.states.shape[:2] == (2, 2)            # of 4 focusing images, 2 follow
 
 
-def test_training_accuracy_counts_only_the_steps_an_image_took(tmp_path):
-    config = one_stage_config(tmp_path, "train.one_stage.epochs=1",
-                              "train.one_stage.focus_fraction=0.5")
-    epoch = train(config, progress=False)[ONE_STAGE][0]
-    assert math.isfinite(epoch["loss"]) and epoch["ppo_updates"] == 3
-    assert all(0.0 <= acc <= 100.0 for acc in epoch["train_accuracy"])
+def test_training_accuracy_counts_only_the_steps_an_image_took():
+    from torch import nn
+
+    from glancefocus.train.runtime import start_runtime
+    from glancefocus.train.supervised import _accuracies, _train_step
+
+    class Fixed(nn.Module):
+        """Predicts class 0 at both steps; the last two images skip step 2 (NaN rows)."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(()))
+
+        def forward(self, images, labels, generator=None):
+            logits = torch.zeros(2, len(labels), 3)
+            logits[..., 0] = 1.0
+            logits[1, 2:] = float("nan")
+            return self.weight * 1.0, logits
+
+    module = Fixed()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    labels = torch.tensor([0, 1, 0, 0])
+    totals = _train_step(module, torch.zeros(4, 1), labels, optimizer, start_runtime("cpu"),
+                         steps=2, micro_batch=0, scaler=None, generator=None, weight=1.0)
+    # step 1: 3 of 4 right; step 2: only the first two images count, 1 of 2 right
+    assert _accuracies(totals.tolist(), 2) == [75.0, 50.0]
 
 
 def test_print_config_counts_the_policy_updates(tmp_path):
