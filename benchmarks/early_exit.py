@@ -108,24 +108,33 @@ def all_step_logits(model, chunks) -> torch.Tensor:
         return torch.cat([model(chunk).logits for chunk in chunks], dim=1)
 
 
-def choose_thresholds(model, logits, labels, step_macs, calibration_logits):
-    """[(q, thresholds, how they were chosen, the MACs per image they aim at)] for BUDGET_RATIOS."""
+def budget_thresholds(model, ratios, calibration_logits) -> list:
+    """[(q, thresholds, how they were chosen, the curve's MACs per image or None)] for `ratios`
+    of the authors' budgets: the checkpoint's calibrated curve, else calibrated (once) on
+    `calibration_logits`."""
     curve = model.exit_curve if model.exit_curve and model.exit_curve.get("macs") else None
+    calibrated = None if curve else exits.calibrate_budgets(
+        exits.confidences_from_logits(calibration_logits)[0])
     chosen = []
-    for q in BUDGET_RATIOS:
+    for q in ratios:
         index = round(q * 20) - 1
         if curve is not None:
             budget = curve["macs"][index]
-            thresholds = Predictor(model, budget=budget).thresholds
-            how = "the checkpoint's calibrated curve (glancefocus evaluate)"
+            chosen.append((q, Predictor(model, budget=budget).thresholds,
+                           "the checkpoint's calibrated curve (glancefocus evaluate)", budget))
         else:
-            thresholds = exits.calibrate_budgets(
-                exits.confidences_from_logits(calibration_logits)[0])[index]
-            conf, pred = exits.confidences_from_logits(logits)
-            budget = exits.simulate_exits(conf, pred, labels, thresholds, step_macs)["macs"]
-            how = f"calibrated on {calibration_logits.shape[1]} other images' all-steps outputs"
-        chosen.append((q, thresholds, how, budget))
+            chosen.append((q, calibrated[index], f"calibrated on {calibration_logits.shape[1]} "
+                           "other images' all-steps outputs", None))
     return chosen
+
+
+def choose_thresholds(model, logits, labels, step_macs, calibration_logits):
+    """[(q, thresholds, how they were chosen, the MACs per image they aim at)] for BUDGET_RATIOS."""
+    conf, pred = exits.confidences_from_logits(logits)
+    return [(q, thresholds, how, budget if budget is not None else
+             exits.simulate_exits(conf, pred, labels, thresholds, step_macs)["macs"])
+            for q, thresholds, how, budget in budget_thresholds(model, BUDGET_RATIOS,
+                                                                calibration_logits)]
 
 
 def time_rounds(variants: dict, repeats: int) -> dict:

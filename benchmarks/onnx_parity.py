@@ -28,9 +28,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from early_exit import batches, demo_setup, resnet50_setup  # noqa: E402
+from early_exit import (  # noqa: E402
+    all_step_logits,
+    batches,
+    budget_thresholds,
+    demo_setup,
+    resnet50_setup,
+)
 
-from glancefocus import exits  # noqa: E402
 from glancefocus.atomic import write_json  # noqa: E402
 from glancefocus.export import export_onnx  # noqa: E402
 from glancefocus.predictor import Predictor  # noqa: E402
@@ -58,24 +63,6 @@ def onnx_steps(exported: ExportedModel, array: np.ndarray) -> tuple[np.ndarray, 
     return np.stack(logits), np.stack(boxes)
 
 
-def budget_thresholds(model, calibration_logits: torch.Tensor) -> list:
-    """[(q, thresholds, where they came from)] for BUDGET_RATIOS."""
-    curve = model.exit_curve if model.exit_curve and model.exit_curve.get("macs") else None
-    calibrated = None
-    if curve is None:
-        calibrated = exits.calibrate_budgets(exits.confidences_from_logits(calibration_logits)[0])
-    chosen = []
-    for q in BUDGET_RATIOS:
-        index = round(q * 20) - 1
-        if curve is not None:
-            chosen.append((q, Predictor(model, budget=curve["macs"][index]).thresholds,
-                           "the checkpoint's calibrated curve"))
-        else:
-            chosen.append((q, calibrated[index],
-                           f"calibrated on {calibration_logits.shape[1]} other images"))
-    return chosen
-
-
 def parity(model, images, calibration, source: str, batch_size: int) -> dict:
     model.eval()
     chunks = batches(images, batch_size)
@@ -95,11 +82,9 @@ def parity(model, images, calibration, source: str, batch_size: int) -> dict:
         report["logits_max_abs_difference_per_step"] = [float(v) for v in per_step]
         report["boxes_identical"] = bool(boxes_equal)
 
-        with torch.inference_mode():
-            calibration_logits = torch.cat([model(c).logits for c in batches(calibration,
-                                                                             batch_size)], dim=1)
+        calibration_logits = all_step_logits(model, batches(calibration, batch_size))
         report["budgets"] = []
-        for q, thresholds, how in budget_thresholds(model, calibration_logits):
+        for q, thresholds, how, _ in budget_thresholds(model, BUDGET_RATIOS, calibration_logits):
             torch_predictor = Predictor(model, thresholds=thresholds)
             onnx_predictor = ExportedPredictor(exported, thresholds=[float(t) for t in thresholds])
             with torch.inference_mode():
