@@ -143,6 +143,8 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
         train(one_stage_config(tmp_path, "train.one_stage.glance_loss_weight=0"), progress=False)
     with pytest.raises(ValueError, match=r"focus_fraction must be in \(0, 1\]"):
         train(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0"), progress=False)
+    with pytest.raises(ValueError, match="focus_on must be 'first' or 'uncertain'"):
+        train(one_stage_config(tmp_path, "train.one_stage.focus_on=hardest"), progress=False)
 
 
 def test_random_fraction_falls_linearly():
@@ -188,7 +190,8 @@ def test_focus_fraction_trains_the_glance_on_the_whole_batch_and_the_focus_on_pa
 
     model = create_model("demo", patch_size=16)
     images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
-    loss = OneStageLoss(model, dsn_ratio=0.0, random_fraction=0.5, focus_fraction=0.5)
+    loss = OneStageLoss(model, dsn_ratio=0.0, random_fraction=0.5, focus_fraction=0.5,
+                        focus_on="first")
     value, logits = loss(images, labels, torch.Generator().manual_seed(0))
     assert logits.shape == (3, 8, 10)
     assert logits[0].isfinite().all()                    # every image glanced
@@ -198,6 +201,27 @@ def test_focus_fraction_trains_the_glance_on_the_whole_batch_and_the_focus_on_pa
     assert torch.allclose(value, sum(steps) / 3, rtol=1e-5)
     rollout = loss.take_rollout()
     assert rollout.states.shape[:2] == (2, 2)            # of 4 focusing images, 2 follow
+
+
+def test_focus_on_uncertain_focuses_the_images_the_glance_is_least_sure_of():
+    from glancefocus.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("demo", patch_size=16)
+    images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
+    loss = OneStageLoss(model, dsn_ratio=0.0, random_fraction=0.5, focus_fraction=0.5,
+                        focus_on="uncertain")
+    _, logits = loss(images, labels, torch.Generator().manual_seed(0))
+    confidence = logits[0].softmax(-1).amax(-1)
+    focused = logits[1].isfinite().all(-1)
+    assert int(focused.sum()) == 4 and logits[2, focused].isfinite().all()
+    assert confidence[focused].max() < confidence[~focused].min()
+    assert loss.take_rollout().states.shape[:2] == (2, 2)  # of 4 focusing images, 2 follow
+    # the same pixels, steps and classifier as when those images come first
+    loss.focus_on = "first"
+    order = torch.cat([focused.nonzero()[:, 0], (~focused).nonzero()[:, 0]])
+    _, first = loss(images[order], labels[order], torch.Generator().manual_seed(0))
+    assert torch.allclose(first[:, :4], logits[:, focused], atol=1e-5)
 
 
 def test_training_accuracy_counts_only_the_steps_an_image_took():
@@ -232,7 +256,8 @@ def test_print_config_counts_the_policy_updates(tmp_path):
     text = describe_recipe(one_stage_config(tmp_path))
     assert "one-stage: 2 epochs = 6 SGD steps, each followed by a PPO update" in text
     text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0.5"))
-    assert "PPO update of the policy; the focus steps on 50% of each batch" in text
+    assert ("PPO update of the policy; the focus steps on 50% of each batch (those the glance is "
+            "least sure of)") in text
 
 
 def test_ddp_two_processes_agree(tmp_path, torchrun_train):

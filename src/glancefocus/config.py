@@ -125,6 +125,11 @@ class OneStageConfig(StageConfig):
     """Share of each batch that takes the focus steps (the rest trains the glance only). Below
     1 a step costs less, so more epochs fit in the same time: the glance gets every one, the
     focus steps this share of each; the demo uses 0.5 with 11 epochs instead of 8."""
+    focus_on: str = "uncertain"
+    """Which images of a batch take the focus steps when focus_fraction < 1: 'uncertain'
+    (those the glance is least sure of: the images early exit would send on, where a look
+    changes the prediction and the policy's rewards say most) or 'first' (a random share,
+    batches being shuffled)."""
 
 
 RECIPES = ("three-stage", "one-stage")

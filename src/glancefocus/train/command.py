@@ -117,8 +117,10 @@ def describe_recipe(config: RunConfig) -> str:
             f"training images: {len(train_set)}, batch {batch}: {steps_per_epoch} steps per epoch"]
     if config.train.recipe == "one-stage":
         one = config.train.one_stage
+        which = (" (those the glance is least sure of)" if one.focus_on == "uncertain"
+                 else "")
         focus = ("" if one.focus_fraction >= 1 else
-                 f"; the focus steps on {one.focus_fraction:.0%} of each batch")
+                 f"; the focus steps on {one.focus_fraction:.0%} of each batch{which}")
         lines = head + [f"one-stage: {one.epochs} epochs = {one.epochs * steps_per_epoch} SGD "
                         f"steps, each followed by a PPO update of the policy{focus}"]
     else:

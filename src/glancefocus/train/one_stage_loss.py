@@ -7,12 +7,15 @@ at uniform random locations, as stage 1 does: those keep the focus encoder able 
 anywhere, so that the policy's rewards stay informative while it is still learning where to look.
 The loss is stage 1's (cross-entropy of every step, plus the encoders' own heads), except that
 the glance's cross-entropy may weigh more than a focus step's (`glance_weight`), and that only a
-share of the batch (`focus_fraction`, the first images) may take the focus steps while every
-image takes the glance. Both serve the glance: it is the step a one-stage run trains for fewer
-epochs than the three-stage recipe does, and the one the earliest exits depend on. Its accuracy
-follows the passes over the data it gets; the focus steps cost two thirds of a step at T 3, so
-with focus steps on half of each batch an epoch costs about a third less, and the same time buys
-the glance half as many epochs again.
+share of the batch (`focus_fraction`) may take the focus steps while every image takes the
+glance. Both serve the glance: it is the step a one-stage run trains for fewer epochs than the
+three-stage recipe does, and the one the earliest exits depend on. Its accuracy follows the
+passes over the data it gets; the focus steps cost two thirds of a step at T 3, so with focus
+steps on half of each batch an epoch costs about a third less, and the same time buys the glance
+half as many epochs again. The focusing images are by default those the glance is least sure of
+(`focus_on="uncertain"`): the ones early exit sends on at inference, where a look changes the
+prediction, so the focus steps learn from the images that need them and the policy's rewards
+(the true class's gain in probability) are not spent on images already certain.
 
 The images that followed the policy form its PPO rollout (states, actions, the true class's
 probability after every step), collected from the same forward pass: the policy's updates cost no
@@ -21,7 +24,7 @@ extra pass through the encoders.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +38,14 @@ class OneStageLoss(nn.Module):
     the calls since the last `take_rollout()` are kept until then."""
 
     def __init__(self, model, dsn_ratio: float, random_fraction: float = 0.5,
-                 glance_weight: float = 1.0, focus_fraction: float = 1.0):
+                 glance_weight: float = 1.0, focus_fraction: float = 1.0,
+                 focus_on: str = "uncertain"):
         super().__init__()
         self.model = model
         self.dsn_ratio = dsn_ratio
         self.glance_weight = glance_weight
         self.focus_fraction = focus_fraction
+        self.focus_on = focus_on
         self.random_fraction = random_fraction
         self._rollouts: list[Rollout] = []
 
@@ -62,10 +67,11 @@ class OneStageLoss(nn.Module):
         out = model.step(images, aux=True)
         glance_logits, dsn = out.logits, F.cross_entropy(out.aux_logits.float(), labels)
         focused = self.focus_count(batch)
-        state = out.state if focused == batch else out.state.select(slice(0, focused))
-        images, focus_labels = images[:focused], labels[:focused]
+        index = self.focus_index(glance_logits.detach(), focused)
+        state = out.state if focused == batch else out.state.select(index)
+        images, focus_labels = images[index], labels[index]
         follows = torch.arange(focused, device=images.device) >= self.random_count(focused)
-        logits, states, actions = [glance_logits[:focused]], [], []
+        logits, states, actions = [glance_logits[index]], [], []
         for _ in range(1, model.config.max_steps):
             with torch.no_grad():
                 feature_map = state.feature_map.detach().float()
@@ -93,7 +99,16 @@ class OneStageLoss(nn.Module):
         # a weighted mean over the steps, so the weight moves the balance, not the step size
         weights = [self.glance_weight] + [1.0] * (steps - 1)
         ce = sum(w * loss for w, loss in zip(weights, ce)) / sum(weights)
-        return ce + self.dsn_ratio * dsn / steps, _pad_unfocused(glance_logits.detach(), logits)
+        padded = _pad_unfocused(glance_logits.detach(), logits, index)
+        return ce + self.dsn_ratio * dsn / steps, padded
+
+    def focus_index(self, glance_logits: torch.Tensor, focused: int) -> Union[slice, torch.Tensor]:
+        """Which images take the focus steps: the first `focused` (a slice), or ("uncertain")
+        the `focused` the glance is least sure of (their indices, ascending)."""
+        if focused == glance_logits.shape[0] or self.focus_on == "first":
+            return slice(0, focused)
+        confidence = glance_logits.float().softmax(-1).amax(-1)
+        return confidence.topk(focused, largest=False).indices.sort().values
 
     def take_rollout(self) -> Optional[Rollout]:
         """The rollout of the images that followed the policy since the last call (micro-batches
@@ -102,14 +117,14 @@ class OneStageLoss(nn.Module):
         return join_rollouts(parts) if parts else None
 
 
-def _pad_unfocused(glance_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _pad_unfocused(glance_logits: torch.Tensor, logits: torch.Tensor,
+                   index: Union[slice, torch.Tensor]) -> torch.Tensor:
     """The per-step logits [T, B, K] of the whole batch: the glance's for every image, NaN at
     the focus steps of the images that did not take them (training accuracy skips those)."""
-    focused = logits.shape[1]
-    if focused == glance_logits.shape[0]:
+    if logits.shape[1] == glance_logits.shape[0]:
         return logits
     padded = logits.new_full((logits.shape[0], glance_logits.shape[0], logits.shape[2]),
                              float("nan"))
     padded[0] = glance_logits
-    padded[:, :focused] = logits
+    padded[:, index] = logits
     return padded

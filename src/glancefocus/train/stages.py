@@ -160,6 +160,9 @@ def _check_one_stage_settings(settings) -> None:
     if not 0.0 < settings.focus_fraction <= 1.0:
         raise ValueError("train.one_stage.focus_fraction must be in (0, 1], got "
                          f"{settings.focus_fraction}")
+    if settings.focus_on not in ("first", "uncertain"):
+        raise ValueError("train.one_stage.focus_on must be 'first' or 'uncertain', got "
+                         f"{settings.focus_on!r}")
     if not settings.glance_loss_weight > 0:
         raise ValueError("train.one_stage.glance_loss_weight must be > 0, got "
                          f"{settings.glance_loss_weight}")

@@ -39,7 +39,8 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
     if stage == ONE_STAGE:
         plain_loss = OneStageLoss(model, stage_config.dsn_ratio,
                                   glance_weight=stage_config.glance_loss_weight,
-                                  focus_fraction=stage_config.focus_fraction)
+                                  focus_fraction=stage_config.focus_fraction,
+                                  focus_on=stage_config.focus_on)
         # the classifier's DistributedDataParallel leaves the policy out: PPO trains it
         with _policy_frozen(model):
             loss_module = runtime.wrap(plain_loss)
