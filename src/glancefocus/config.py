@@ -133,6 +133,8 @@ class OneStageConfig(StageConfig):
 
 
 RECIPES = ("three-stage", "one-stage")
+FOCUS_ON = ("uncertain", "first")
+"""train.one_stage.focus_on's choices."""
 
 
 @dataclass

@@ -50,7 +50,8 @@ class OneStageLoss(nn.Module):
         self._rollouts: list[Rollout] = []
 
     def focus_count(self, batch: int) -> int:
-        """How many images of a batch take the focus steps: the first ones (at least one)."""
+        """How many images of a batch take the focus steps (at least one; which ones:
+        `focus_index`)."""
         return max(1, min(batch, round(self.focus_fraction * batch)))
 
     def random_count(self, batch: int) -> int:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import RECIPES, RunConfig, to_dict
+from ..config import FOCUS_ON, RECIPES, RunConfig, to_dict
 from ..data import build_datasets
 from ..interrupts import TrainingInterrupted, stop_on_signals
 from ..model import GlanceFocusNet
@@ -160,7 +160,7 @@ def _check_one_stage_settings(settings) -> None:
     if not 0.0 < settings.focus_fraction <= 1.0:
         raise ValueError("train.one_stage.focus_fraction must be in (0, 1], got "
                          f"{settings.focus_fraction}")
-    if settings.focus_on not in ("first", "uncertain"):
+    if settings.focus_on not in FOCUS_ON:
         raise ValueError("train.one_stage.focus_on must be 'first' or 'uncertain', got "
                          f"{settings.focus_on!r}")
     if not settings.glance_loss_weight > 0:
