@@ -1,5 +1,6 @@
-"""Two processes under torchrun (gloo, CPU): PPO statistics over the whole batch, augmentations
-per process, and a process whose whole batch is unreadable does not hang the others.
+"""Two processes under torchrun (gloo, CPU): PPO's returns and logged statistics over the whole
+batch, augmentations per process, and a process whose whole batch is unreadable does not hang the
+others.
 
 One torchrun launch runs every check (this file is also its worker script); the test compares
 what each process saved with the same computations done in one process.
@@ -28,6 +29,31 @@ def global_rollout():
     generator = torch.Generator().manual_seed(7)
     return (torch.rand(FOCUS_STEPS, GLOBAL_BATCH, generator=generator),
             torch.rand(FOCUS_STEPS, GLOBAL_BATCH, generator=generator))
+
+
+def global_statistics_rollout():
+    """A rollout whose every statistic is known, the same in every process (each takes its half
+    of the batch), with some mean locations at the image's edge."""
+    from glancefocus.train.ppo import Rollout
+
+    generator = torch.Generator().manual_seed(8)
+    steps, batch = FOCUS_STEPS + 1, GLOBAL_BATCH
+    means = torch.rand(FOCUS_STEPS, batch, 2, generator=generator)
+    means[:, ::3, 0] = 0.005
+    return Rollout(states=torch.zeros(FOCUS_STEPS, batch, 1, 1, 1),
+                   actions=torch.zeros(FOCUS_STEPS, batch, 2),
+                   log_probs=torch.zeros(FOCUS_STEPS, batch),
+                   values=torch.rand(FOCUS_STEPS, batch, generator=generator),
+                   true_probs=torch.rand(steps, batch, generator=generator),
+                   correct=torch.rand(steps, batch, generator=generator) > 0.5, means=means)
+
+
+def rollout_half(rollout, rank):
+    import dataclasses
+
+    half = GLOBAL_BATCH // 2
+    return type(rollout)(*(getattr(rollout, f.name)[:, rank * half:(rank + 1) * half]
+                           for f in dataclasses.fields(rollout)))
 
 
 def data_config(root):
@@ -72,7 +98,7 @@ def worker(out: Path, images: Path) -> None:
     from glancefocus.presets import get_preset
     from glancefocus.train import train
     from glancefocus.train.loaders import make_loader
-    from glancefocus.train.ppo import discounted_returns, normalise
+    from glancefocus.train.ppo import _update_statistics, discounted_returns, normalise
     from glancefocus.train.runtime import start_runtime
 
     logging.basicConfig(level=logging.INFO)  # the stages say when the weights agree
@@ -88,6 +114,10 @@ def worker(out: Path, images: Path) -> None:
     garbage = torch.full_like(rewards, float("nan"))
     result["alone"] = normalise(discounted_returns(rewards, GAMMA) if rank == 0 else garbage,
                                 runtime=runtime, included=rank == 0)
+    # the logged PPO statistics (rewards, accuracy, explained variance, locations) of the whole batch
+    rollout = rollout_half(global_statistics_rollout(), rank)
+    result["statistics"] = _update_statistics({"approx_kl": torch.tensor(0.01)}, rollout,
+                                              rollout.rewards, runtime, included=True)
     # (b) each process's augmentations, and its own global random stream
     dataset = ImageFolderDataset(images, "train", data_config(images), train=True)
     loader = make_loader(dataset, 4, runtime, seed=0, epoch=0, shuffle=True, num_workers=0)
@@ -141,7 +171,7 @@ def run_to_end(command, env, timeout, out: Path):
 def test_two_processes(tmp_path):
     from glancefocus.data import ImageFolderDataset
     from glancefocus.train.loaders import make_loader
-    from glancefocus.train.ppo import discounted_returns, normalise
+    from glancefocus.train.ppo import _update_statistics, discounted_returns, normalise
     from glancefocus.train.runtime import Runtime
 
     images = write_images(tmp_path / "images")
@@ -162,6 +192,15 @@ def test_two_processes(tmp_path):
     assert torch.allclose(torch.cat([r["advantages"] for r in ranks], dim=1), returns - values, atol=1e-6)
     alone = normalise(discounted_returns(rewards[:, :GLOBAL_BATCH // 2], GAMMA))
     assert torch.allclose(ranks[0]["alone"], alone, atol=1e-6)
+    whole = global_statistics_rollout()
+    single = _update_statistics({"approx_kl": torch.tensor(0.01)}, whole, whole.rewards,
+                                Runtime(torch.device("cpu")), True)
+    assert single["edge_share"] > 0
+    for rank in ranks:
+        assert rank["statistics"].keys() == single.keys()
+        for key, value in single.items():
+            assert torch.allclose(torch.tensor(rank["statistics"][key], dtype=torch.float64),
+                                  torch.tensor(value, dtype=torch.float64), atol=1e-6), key
 
     # (b) the processes read different images, and the crop of an image is the one a single
     # process draws for it (a function of seed, epoch and index only)

@@ -135,6 +135,29 @@ def test_fine_tune_evaluate_at_a_budget_predict_a_folder(tmp_path, capsys, image
     assert model.predict(image[None], budget=budget, top_k=2)[0].top_k[0]["class_name"] in CLASSES
 
 
+def test_the_same_day_with_the_one_stage_recipe(tmp_path, capsys, imagenet_gfnet):
+    _, source_path = imagenet_gfnet
+    data = pet_folder(tmp_path / "pets")
+    run_dir = tmp_path / "runs" / "pets"
+    status, _, err = run(capsys, "train", "--preset", "resnet50", "--init", source_path,
+                         "--no-progress", f"data.root={data}", f"train.out_dir={run_dir}", *SMALL,
+                         "train.recipe=one-stage", "train.one_stage.epochs=1")
+    assert status == 0, err
+    assert "these layers start fresh" in err and "one-stage epoch 1/1" in err
+    last = run_dir / "one-stage" / "last.pt"
+    assert read_checkpoint(last)["class_names"] == CLASSES
+    eval_dir = run_dir / "eval"
+    status, _, err = run(capsys, "evaluate", "--checkpoint", last, "--out", eval_dir)
+    assert status == 0, err
+    macs = sorted(json.loads((eval_dir / "evaluation.json").read_text())["budgeted"]["macs"])
+    status, out, err = run(capsys, "predict", data / "val" / "beagle", "--checkpoint",
+                           eval_dir / "model.pt", "--budget", macs[len(macs) // 2], "--json")
+    assert status == 0, err
+    answer = json.loads(out)
+    rows = answer["predictions"] if isinstance(answer, dict) else answer
+    assert len(rows) == 3 and all(row["top_k"][0]["class_name"] in CLASSES for row in rows)
+
+
 def test_init_with_trust_pickle_is_accepted_by_train(tmp_path, capsys, write_crafted_pickle):
     """--trust-pickle exists on train (for --init from an authors' file); without it a full
     pickle is refused before it is unpickled."""

@@ -16,9 +16,16 @@ from glancefocus.model import GlanceFocusNet
 from glancefocus.presets import get_preset
 from glancefocus.train import train
 from glancefocus.train.command import resolve_config
-from glancefocus.train.diagnosis import explain_rewards
+from glancefocus.train.diagnosis import explain_locations, explain_rewards
 from glancefocus.train.faults import NonFiniteLossError
-from glancefocus.train.ppo import Rollout, discounted_returns, normalise
+from glancefocus.train.ppo import (
+    PPOLoss,
+    Rollout,
+    _update_statistics,
+    discounted_returns,
+    normalise,
+)
+from glancefocus.train.runtime import Runtime
 
 # 48 x 48 canvases, P 16, T 3: the demo's model at a few percent of its cost
 TINY = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "data.num_clutter=2",
@@ -228,6 +235,39 @@ def test_image_folder_training(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # configuration
 
+def test_metrics_file_widens_for_columns_that_appear_later(tmp_path):
+    # the one-stage recipe's first epoch may have no policy updates (random_fraction_start=1)
+    import csv
+
+    from glancefocus.train.recorder import MetricsRecorder
+
+    recorder = MetricsRecorder(tmp_path, True, "epoch")
+    recorder.write(1, {"loss": 2.0})
+    recorder.write(2, {"loss": 1.0, "ppo_reward_focus": [0.1, 0.2]})
+    recorder.write(3, {"loss": 0.5})
+    recorder.close()
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["loss"] for row in rows] == ["2.0", "1.0", "0.5"]
+    assert [row["ppo_reward_focus_2"] for row in rows] == ["", "0.2", ""]
+
+
+def test_float_settings_read_yaml_exponents():
+    # YAML reads 1e-3 as text (its exponents need a dot); a float setting takes the number
+    config = load_config(None, ["train.one_stage.ppo_lr=1e-3", "train.stage2.policy_logit_limit=2E0"])
+    assert config.train.one_stage.ppo_lr == 0.001 and config.train.stage2.policy_logit_limit == 2.0
+    with pytest.raises(ConfigError, match="'train.one_stage.ppo_lr' expects float, got 'fast'"):
+        load_config(None, ["train.one_stage.ppo_lr=fast"])
+
+
+def test_policy_logit_limit_is_checked(tmp_path):
+    for section in ("stage2", "one_stage"):
+        config = tiny_config(tmp_path, f"train.{section}.policy_logit_limit=0",
+                             *(["train.recipe=one-stage"] if section == "one_stage" else []))
+        with pytest.raises(ValueError, match=f"train.{section}.policy_logit_limit must be > 0"):
+            train(config, progress=False)
+
+
 def test_config_file_may_name_a_preset(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: demo\ntrain:\n  batch_size: 64\n")
@@ -248,12 +288,64 @@ def test_discounted_returns_and_normalise():
     assert torch.equal(normalise(torch.zeros(3, 4)), torch.zeros(3, 4))
 
 
-def _rollout(true_probs, correct):
+def _rollout(true_probs, correct, means=None):
     steps, batch = true_probs.shape
     focus = steps - 1
+    means = torch.full((focus, batch, 2), 0.5) if means is None else means
     return Rollout(states=torch.zeros(focus, batch, 4, 1, 1), actions=torch.zeros(focus, batch, 2),
                    log_probs=torch.zeros(focus, batch), values=torch.zeros(focus, batch),
-                   true_probs=true_probs, correct=correct)
+                   true_probs=true_probs, correct=correct, means=means)
+
+
+def test_location_statistics_say_where_the_policy_looks():
+    probs, correct = torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool)
+    inside = torch.tensor([[[0.25, 0.5], [0.75, 0.5]]])        # 1 focus step, 2 images
+    stats = _update_statistics({}, _rollout(probs, correct, inside), torch.zeros(1, 2),
+                               Runtime(torch.device("cpu")), True)
+    assert stats["location_spread"] == pytest.approx((0.25 + 0.0) / 2)
+    assert stats["edge_share"] == 0.0
+    edges = torch.tensor([[[0.01, 0.5], [0.99, 0.5]]])
+    stats = _update_statistics({}, _rollout(probs, correct, edges), torch.zeros(1, 2),
+                               Runtime(torch.device("cpu")), True)
+    assert stats["location_spread"] == pytest.approx((0.49 + 0.0) / 2)
+    assert stats["edge_share"] == 0.5  # x of both images, y of none
+
+
+def test_a_policy_stuck_at_the_edge_is_explained():
+    probs = torch.stack([torch.full((64,), 0.5), torch.full((64,), 0.45), torch.full((64,), 0.44)])
+    correct = probs > 0.6
+    corner = torch.tensor([0.01, 0.97]).expand(2, 64, 2).clone()
+    warning = explain_locations(_rollout(probs, correct, corner), "stage2", None)
+    assert "edge for every image" in warning and "(0.01, 0.97)" in warning
+    assert "train.stage2.policy_logit_limit=3" in warning
+    assert "policy_logit_limit=3 keeps" in explain_locations(_rollout(probs, correct, corner),
+                                                             "one_stage", 3.0)
+    spread = torch.rand(2, 64, 2, generator=torch.Generator().manual_seed(0))
+    assert explain_locations(_rollout(probs, correct, spread), "stage2", None) is None
+
+
+def test_logit_limit_pushes_saturated_means_back_and_leaves_the_rest_alone():
+    from glancefocus.policy import PatchPolicy
+
+    torch.manual_seed(0)
+    policy = PatchPolicy(4, (1, 1), hidden=8, encoder="linear")
+    states, actions = torch.randn(2, 5, 4, 1, 1), torch.rand(2, 5, 2)
+    old_log_probs, returns = torch.zeros(2, 5), torch.randn(2, 5)
+    plain = PPOLoss(policy, 0.2, 0.5, 0.01)
+    limited = PPOLoss(policy, 0.2, 0.5, 0.01, logit_limit=3.0)
+    with torch.no_grad():  # small logits: the limit changes nothing
+        policy.actor[0].weight.zero_()
+        policy.actor[0].bias.fill_(1.0)
+    assert torch.equal(limited(states, actions, old_log_probs, returns)[0],
+                       plain(states, actions, old_log_probs, returns)[0])
+    with torch.no_grad():  # at the edge: (5 - 3)^2 more, and a gradient back inside
+        policy.actor[0].bias.fill_(5.0)
+    difference = (limited(states, actions, old_log_probs, returns)[0]
+                  - plain(states, actions, old_log_probs, returns)[0])
+    assert float(difference.detach()) == pytest.approx(4.0)
+    policy.zero_grad()
+    limited(states, actions, old_log_probs, returns)[0].backward()
+    assert (policy.actor[0].bias.grad > 0).all()  # descending it lowers the logits
 
 
 def test_zero_rewards_are_explained():

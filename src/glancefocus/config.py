@@ -105,6 +105,13 @@ class StageConfig:
     entropy_coef: float = 0.01
     updates: int = 0
     """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+    policy_logit_limit: Optional[float] = None
+    """Stage 2 and the one-stage recipe: keep the policy's mean locations where its sigmoid
+    still moves, with a penalty in PPO's loss on mean logits beyond +-this (3: 0.047-0.953 of
+    the range a patch moves over); null: none. A policy rewarded for looking at the image's
+    edge (early in a one-stage run, when the focus encoder cannot read a patch yet) saturates
+    its sigmoid there, and PPO's later updates barely move it (the log's edge_share and
+    location_spread show it)."""
 
 
 @dataclass
@@ -218,10 +225,26 @@ def from_dict(cls, data: dict, prefix: str = ""):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
             value = float(value)
+        if isinstance(value, str) and _wants_float(annotation):
+            value = _float_or_text(value)
         if not _type_ok(value, annotation):
             raise ConfigError(f"config key '{path}' expects {_type_name(annotation)}, got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _wants_float(annotation) -> bool:
+    """A float field that takes no text: YAML reads '1e-3' as text (its exponents need a dot,
+    '1.0e-3'), so such text is read as the number it spells."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in _UNION_TYPES else (annotation,)
+    return float in options and str not in options
+
+
+def _float_or_text(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the type check names the key and the value
 
 
 def _type_name(annotation) -> str:

@@ -8,7 +8,7 @@ mean. Module names follow the authors' checkpoints (state_encoder, gru, actor.0,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,14 @@ class PolicyOutput:
     mean: torch.Tensor          # [B, 2] the actor's location in [0, 1]^2
     value: torch.Tensor         # [B] the critic's estimate
     hidden: torch.Tensor        # [1, B, H] the GRU state after this step
+
+
+class EpisodeEvaluation(NamedTuple):
+    log_probs: torch.Tensor     # [S, B] of the given actions
+    values: torch.Tensor        # [S, B] the critic's estimates
+    entropy: torch.Tensor       # [S, B]
+    means: torch.Tensor         # [S, B, 2] the actor's mean locations
+    mean_logits: torch.Tensor   # [S, B, 2] the same before the sigmoid
 
 
 class PatchPolicy(nn.Module):
@@ -67,16 +75,19 @@ class PatchPolicy(nn.Module):
     def log_prob(self, mean: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.distribution(mean).log_prob(action.float()).sum(-1)
 
-    def evaluate(self, state_maps: torch.Tensor, actions: torch.Tensor):
+    def evaluate(self, state_maps: torch.Tensor, actions: torch.Tensor) -> EpisodeEvaluation:
         """Re-run the policy over a whole episode for PPO.
 
         state_maps [S, B, C, h, w] (the states that chose the S focus locations), actions
-        [S, B, 2]. Returns log-probabilities [S, B], values [S, B] and entropies [S, B].
+        [S, B, 2].
         """
         steps, batch = state_maps.shape[:2]
         encoded = self._encode(state_maps.flatten(0, 1)).view(steps, batch, -1)
         output, _ = self.gru(encoded)
-        means = self.actor(output)
+        linear, sigmoid = self.actor
+        mean_logits = linear(output)
+        means = sigmoid(mean_logits)
         values = self.critic(output)[..., 0]
         dist = self.distribution(means)
-        return dist.log_prob(actions.float()).sum(-1), values, dist.entropy().sum(-1)
+        return EpisodeEvaluation(dist.log_prob(actions.float()).sum(-1), values,
+                                 dist.entropy().sum(-1), means, mean_logits)

@@ -1,18 +1,28 @@
-"""Say why stage-2 rewards are zero, instead of letting PPO learn nothing in silence.
+"""Say why the policy does not learn, instead of letting PPO learn nothing in silence.
 
 The reward of a focus step is the gain in the true class's softmax probability. It is ~0 for
 every image when there is nothing left to gain (the glance is already right and certain), when
 the probabilities are saturated at 0 or 1 (an overconfident classifier moves by nothing), or when
 the encoders were never trained (every step predicts about the same).
+
+A policy can also stop moving with rewards that are not zero: when looking at the image's edge
+pays best (early in one-stage training, before the focus encoder can read a patch, a look at
+clutter costs probability and an empty corner costs none), its mean locations go there for every
+image and its sigmoid saturates, so later updates barely move it.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from .ppo import Rollout
+from .ppo import EDGE, Rollout
 
 ZERO_REWARD = 1e-3
 """Mean |reward| below which the policy gets no signal to learn from."""
+
+STUCK_EDGE_SHARE = 0.25
+"""Share of mean location coordinates at the edge (see ppo.EDGE) from which, with the locations
+barely differing between images, the policy is stuck there."""
+STUCK_SPREAD = 0.05
 
 WARN_EVERY = 100
 """Repeat a reward warning at most this often (in updates) while it persists."""
@@ -54,3 +64,25 @@ def explain_rewards(rollout: Rollout, num_classes: int,
     return prefix + ("the steps after the glance barely change the prediction. Check that the "
                      f"focus encoder {'learns' if one_stage else 'was trained (stage 1)'} and "
                      "that patches can see the object")
+
+
+def explain_locations(rollout: Rollout, section: str,
+                      logit_limit: Optional[float]) -> Optional[str]:
+    """A warning when the policy's mean locations sit at the image's edge, alike for every
+    image (its sigmoid saturated there), else None. section: the config section of its
+    settings ('one_stage' or 'stage2'); logit_limit: the run's policy_logit_limit."""
+    means = rollout.means.float()
+    edge_share = float(((means < EDGE) | (means > 1 - EDGE)).float().mean())
+    spread = float(means.std(1, unbiased=False).mean())
+    if edge_share < STUCK_EDGE_SHARE or spread >= STUCK_SPREAD:
+        return None
+    where = ", ".join(f"({x:.2f}, {y:.2f})" for x, y in means.mean(1).tolist())
+    remedy = (f"train.{section}.policy_logit_limit={logit_limit:g} keeps its means inside but "
+              "the rewards still favour the edge: check that the focus encoder learns"
+              if logit_limit is not None else
+              f"set train.{section}.policy_logit_limit=3 to keep its means where it can move")
+    return (f"the policy looks at the image's edge for every image (mean location per focus "
+            f"step {where}; {edge_share:.0%} of its coordinates within {EDGE} of the edge, "
+            f"spread {spread:.3f} across images): its sigmoid is saturated there, so PPO's "
+            f"updates barely move it. Looking at nothing pays best when the focus steps cannot "
+            f"read a patch yet. {remedy}")

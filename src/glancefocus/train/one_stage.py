@@ -11,7 +11,8 @@ with the classifier's, as AdaptiveNN (Nature Machine Intelligence, 2025) does, i
 training them in separate stages.
 
 Logged: every policy update in RUN/one-stage/ppo.csv (reward per focus step, approx KL, clip
-fraction, explained variance, entropy, accuracy per step of the images that followed the policy),
+fraction, explained variance, entropy, accuracy per step of the images that followed the policy,
+the spread of its mean locations across images and their share at the image's edge),
 and their epoch means in metrics.csv beside the classifier's loss and accuracy.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .diagnosis import WARN_EVERY, explain_rewards
+from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .faults import NonFiniteGuard
 from .one_stage_loss import OneStageLoss
 from .ppo import PPOLoss, ppo_update
@@ -40,7 +41,8 @@ class InterleavedPPO:
         self.optimizer = torch.optim.Adam(model.policy.parameters(), lr=settings.ppo_lr,
                                           betas=(0.9, 0.999))
         self.ppo_loss = runtime.wrap(PPOLoss(model.policy, settings.ppo_clip,
-                                             settings.value_coef, settings.entropy_coef))
+                                             settings.value_coef, settings.entropy_coef,
+                                             logit_limit=settings.policy_logit_limit))
         self.updates = 0
         self.recorder = None          # ppo.csv, set by the stage loop
         self.warn_from_update = 0     # no reward warnings before this (the encoders are new)
@@ -62,7 +64,9 @@ class InterleavedPPO:
         if self.recorder is not None:
             self.recorder.write(self.updates, stats)
         if weight and self.updates >= self.warn_from_update:
-            self._warn(explain_rewards(rollout, self.model.config.num_classes, recipe="one-stage"))
+            self._warn(explain_rewards(rollout, self.model.config.num_classes, recipe="one-stage")
+                       or explain_locations(rollout, "one_stage",
+                                            self.settings.policy_logit_limit))
 
     def _warn(self, warning: Optional[str]) -> None:
         if warning and self.runtime.is_main and self.updates - self._last_warning >= WARN_EVERY:

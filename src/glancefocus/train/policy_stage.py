@@ -3,7 +3,8 @@
 Encoders and classifier are frozen in eval mode. Every update is logged (RUN/stage2/metrics.csv:
 reward per focus step (reward_focus_1 is the first focus, the glance has none), approx KL and clip
 fraction of the updated policy against the collecting one, explained variance, entropy, value and
-policy loss, accuracy per step with the sampled locations (accuracy_1 is the glance), all over
+policy loss, accuracy per step with the sampled locations (accuracy_1 is the glance), the spread
+of the policy's mean locations across images and their share at the image's edge, all over
 every process's batch); the policy is evaluated with its mean
 locations at the end of each epoch (RUN/stage2/eval.csv). last.pt is written every
 `save_every` updates and at each epoch end, so a resumed run restarts mid-epoch exactly.
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .context import StageRun
-from .diagnosis import WARN_EVERY, explain_rewards
+from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .evaluation import evaluate_anytime
 from .loaders import (
     StandIn,
@@ -42,7 +43,7 @@ def run_policy_stage(run: StageRun) -> list[dict]:
     freeze_for_stage(model, 2, stage_config)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=stage_config.ppo_lr, betas=(0.9, 0.999))
     ppo_loss = runtime.wrap(PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
-                                    stage_config.entropy_coef))
+                                    stage_config.entropy_coef, stage_config.policy_logit_limit))
     batch_size = per_process_batch(config.train.batch_size, runtime)
     per_epoch = batches_per_epoch(len(run.train_set), batch_size, runtime)
     total = stage_config.updates or stage_config.epochs * per_epoch
@@ -77,7 +78,9 @@ def run_policy_stage(run: StageRun) -> list[dict]:
                                           config.train.micro_batch)
                 stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
                                    where=f"stage 2 update {update + 1}", weight=weight)
-                warning = explain_rewards(rollout, model.config.num_classes) if weight else None
+                warning = (explain_rewards(rollout, model.config.num_classes)
+                           or explain_locations(rollout, "stage2", stage_config.policy_logit_limit)
+                           if weight else None)
                 if warning and runtime.is_main and update - last_warning >= WARN_EVERY:
                     log.warning("update %d: %s", update + 1, warning)
                     last_warning = update

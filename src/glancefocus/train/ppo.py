@@ -31,6 +31,7 @@ class Rollout:
     values: torch.Tensor       # [S, B] the critic's estimates at collection
     true_probs: torch.Tensor   # [T, B] softmax probability of the true class after each step
     correct: torch.Tensor      # [T, B] whether each step's prediction is right
+    means: torch.Tensor        # [S, B, 2] the collecting policy's mean locations, in [0, 1]
 
     @property
     def rewards(self) -> torch.Tensor:
@@ -74,10 +75,11 @@ def rollout_of(policy, states: torch.Tensor, actions: torch.Tensor, logits: torc
     # the collecting policy's log-probabilities and values in float32, outside autocast, as
     # PPO's update computes them, so that its first ratio is exactly 1
     with torch.autocast(states.device.type, enabled=False):
-        log_probs, values, _ = policy.evaluate(states, actions)
+        episode = policy.evaluate(states, actions)
     logits = logits.float()
     true_probs = logits.softmax(-1).gather(2, labels.view(1, -1, 1).expand(len(logits), -1, 1))[..., 0]
-    return Rollout(states, actions, log_probs, values, true_probs, logits.argmax(-1) == labels)
+    return Rollout(states, actions, episode.log_probs, episode.values, true_probs,
+                   logits.argmax(-1) == labels, episode.means.float())
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -116,15 +118,22 @@ def _sum_included(local: torch.Tensor, runtime: Runtime, included: bool) -> torc
 
 
 class PPOLoss(nn.Module):
-    """The clipped PPO objective of the policy, as a module DistributedDataParallel can wrap."""
+    """The clipped PPO objective of the policy, as a module DistributedDataParallel can wrap.
 
-    def __init__(self, policy, clip: float, value_coef: float, entropy_coef: float):
+    logit_limit: when set, the square of how far a mean location's logit lies beyond
+    +-logit_limit is added to the loss, so the actor's sigmoid stays where updates move it (see
+    diagnosis.py for how a policy gets stuck at the edge without it).
+    """
+
+    def __init__(self, policy, clip: float, value_coef: float, entropy_coef: float,
+                 logit_limit: Optional[float] = None):
         super().__init__()
         self.policy = policy
         self.clip, self.value_coef, self.entropy_coef = clip, value_coef, entropy_coef
+        self.logit_limit = logit_limit
 
     def forward(self, states, actions, old_log_probs, returns):
-        log_probs, values, entropy = self.policy.evaluate(states, actions)
+        log_probs, values, entropy, _, mean_logits = self.policy.evaluate(states, actions)
         advantages = returns - values.detach()
         ratio = (log_probs - old_log_probs).exp()
         clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
@@ -132,6 +141,9 @@ class PPOLoss(nn.Module):
         v_loss = F.mse_loss(values, returns)
         entropy_loss = entropy.mean()
         loss = pg_loss + self.value_coef * v_loss - self.entropy_coef * entropy_loss
+        if self.logit_limit is not None:
+            beyond = (mean_logits.float().abs() - self.logit_limit).clamp(min=0.0)
+            loss = loss + beyond.square().mean()
         stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(),
                  "entropy": entropy_loss.detach()}
         return loss, stats
@@ -174,7 +186,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _policy_movement(loss_module: PPOLoss, rollout: Rollout) -> dict:
     """How far the update moved the policy on the rollout's own states and actions."""
-    log_probs, _, _ = loss_module.policy.evaluate(rollout.states, rollout.actions)
+    log_probs = loss_module.policy.evaluate(rollout.states, rollout.actions).log_probs
     log_ratio = log_probs - rollout.log_probs
     ratio = log_ratio.exp()
     return {
@@ -195,6 +207,8 @@ def _update_statistics(means: dict, rollout: Rollout, returns: torch.Tensor, run
         result["explained_variance"] = explained_variance(rollout.values, returns)
         result["reward_focus"] = rollout.rewards.mean(1).tolist()
         result["accuracy"] = (rollout.correct.float().mean(1) * 100).tolist()
+        batch = rollout.means.shape[1]
+        result.update(_location_statistics(_location_sums(rollout.means).tolist(), batch))
         return result
     names = sorted(means)
     batch = rollout.rewards.shape[1]
@@ -203,6 +217,7 @@ def _update_statistics(means: dict, rollout: Rollout, returns: torch.Tensor, run
         torch.stack([means[name].detach().double() * batch for name in names]),
         rollout.rewards.double().sum(1), rollout.correct.double().sum(1),
         _variance_sums(returns, rollout.values),
+        _location_sums(rollout.means),
     ])
     totals = _sum_included(local, runtime, included).tolist()
     count, totals = totals[0], totals[1:]
@@ -213,8 +228,34 @@ def _update_statistics(means: dict, rollout: Rollout, returns: torch.Tensor, run
     totals = totals[len(names):]
     result["reward_focus"] = [v / count for v in totals[:steps]]
     result["accuracy"] = [v * 100 / count for v in totals[steps:2 * steps + 1]]
-    result["explained_variance"] = _explained_from_sums(*totals[2 * steps + 1:])
+    result["explained_variance"] = _explained_from_sums(*totals[2 * steps + 1:2 * steps + 6])
+    result.update(_location_statistics(totals[2 * steps + 6:], count))
     return result
+
+
+EDGE = 0.02
+"""A mean location coordinate this close to 0 or 1 is at the image's edge, where the actor's
+sigmoid is saturated (slope below 0.02): PPO's updates barely move it any more."""
+
+
+def _location_sums(means: torch.Tensor) -> torch.Tensor:
+    """Sums [sum, sum of squares per (step, coordinate)..., edge count] of mean locations [S, B, 2]
+    (float64), from which the batch's location statistics follow, across processes too."""
+    means = means.double()
+    at_edge = ((means < EDGE) | (means > 1 - EDGE)).sum().double()
+    return torch.cat([means.sum(1).flatten(), means.square().sum(1).flatten(), at_edge[None]])
+
+
+def _location_statistics(sums: list, count: float) -> dict:
+    """location_spread: the standard deviation of the policy's mean location over the batch's
+    images, averaged over steps and coordinates (0: it looks at the same place in every image);
+    edge_share: the share of mean coordinates at the image's edge (see EDGE)."""
+    count = max(count, 1.0)
+    half = (len(sums) - 1) // 2
+    totals, squares = sums[:half], sums[half:2 * half]
+    variances = [max(q / count - (t / count) ** 2, 0.0) for t, q in zip(totals, squares)]
+    return {"location_spread": sum(v ** 0.5 for v in variances) / max(half, 1),
+            "edge_share": sums[-1] / (count * max(half, 1))}
 
 
 def _variance_sums(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -49,14 +49,8 @@ class MetricsRecorder:
         if last is None or not self.path.exists():
             self.path.unlink(missing_ok=True)
             return
-        with open(self.path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields, rows = reader.fieldnames, list(reader)
-        kept = io.StringIO(newline="")
-        writer = csv.DictWriter(kept, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(row for row in rows if int(row[self.index_name]) <= last)
-        write_text(self.path, kept.getvalue())  # atomically: the old rows survive a failure
+        fields, rows = self._read()
+        self._rewrite(fields, [row for row in rows if int(row[self.index_name]) <= last])
 
     def write(self, index: int, metrics: dict) -> None:
         if not self.enabled:
@@ -72,14 +66,31 @@ class MetricsRecorder:
     def _append(self, row: dict) -> None:
         new_file = not self.path.exists()
         fields = list(row) if new_file else _header(self.path)
+        if not set(row) <= set(fields):
+            # a row with columns the first ones lacked (e.g. policy statistics from the first
+            # epoch with policy updates on): widen the header, the earlier rows leave them empty
+            fields = list(row) + [field for field in fields if field not in row]
+            self._rewrite(fields, self._read()[1])
         try:
             with open(self.path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+                writer = csv.DictWriter(handle, fieldnames=fields)
                 if new_file:
                     writer.writeheader()
                 writer.writerow(row)
         except OSError as exc:
             raise write_failure(self.path, exc) from None
+
+    def _read(self) -> tuple[list[str], list[dict]]:
+        with open(self.path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _rewrite(self, fields: list[str], rows: list[dict]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.path, text.getvalue())  # atomically: the old rows survive a failure
 
     def close(self) -> None:
         if self.writer is not None:

@@ -141,6 +141,7 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
         if config.train.one_stage.epochs < 1:
             raise ValueError(f"train.one_stage.epochs must be >= 1, got {config.train.one_stage.epochs}")
         _check_one_stage_settings(config.train.one_stage)
+        _check_logit_limit(config.train.one_stage, "one_stage")
         return (ONE_STAGE,)
     stages = ALL_STAGES if stages is None else tuple(stages)
     if not stages or any(s not in ALL_STAGES for s in stages) or list(stages) != sorted(set(stages)):
@@ -149,7 +150,15 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
         stage_config = getattr(config.train, f"stage{stage}")
         if stage_config.epochs < 1 and not (stage == 2 and stage_config.updates > 0):
             raise ValueError(f"train.stage{stage}.epochs must be >= 1, got {stage_config.epochs}")
+    _check_logit_limit(config.train.stage2, "stage2")
     return stages
+
+
+def _check_logit_limit(settings, section: str) -> None:
+    limit = settings.policy_logit_limit
+    if limit is not None and not limit > 0:
+        raise ValueError(f"train.{section}.policy_logit_limit must be > 0 (or null: no limit), "
+                         f"got {limit}")
 
 
 def _check_one_stage_settings(settings) -> None:

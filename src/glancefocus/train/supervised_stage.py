@@ -136,8 +136,9 @@ def _policy_line(metrics: dict) -> str:
     hit_rate = metrics.get("eval_hit_rate")
     hits = f", hit rate {'/'.join(f'{v:.3f}' for v in hit_rate)}" if hit_rate else ""
     return (f"{hits}; policy: reward {rewards}, approx KL {metrics['ppo_approx_kl']:.4f}, "
-            f"explained variance {metrics['ppo_explained_variance']:.2f}, random share "
-            f"{metrics['random_fraction']:.2f}")
+            f"explained variance {metrics['ppo_explained_variance']:.2f}, location spread "
+            f"{metrics['ppo_location_spread']:.2f}, at edge {metrics['ppo_edge_share']:.0%}, "
+            f"random share {metrics['random_fraction']:.2f}")
 
 
 def _epoch_batches(run: StageRun, batch_size: int, epoch: int):
