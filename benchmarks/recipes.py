@@ -8,8 +8,11 @@ key=value overrides change the demo preset for both recipes, e.g. RAM's other se
 data.canvas_size=60 data.image_size=60 data.num_clutter=4 model.patch_size=24. The recipes
 train one after the other in this process (the same data, threads and machine), each timed from
 its start to its last checkpoint; nothing else should run meanwhile. Prints one JSON object:
-{"three_stage": {...}, "one_stage": {...}, "goals": {...}}, each recipe with seconds,
-anytime_accuracy [T] (percent, the policy's mean locations on the 5,000 test canvases), hit_rate
+{"three_stage": {...}, "one_stage": {...}, "goals": {...}}, each recipe with seconds (and their
+split: seconds_training_passes, the passes over the training data with their SGD steps, the
+one-stage recipe's policy updates and loading; seconds_end_of_epoch, the BatchNorm
+re-estimation, evaluation and checkpoint after each epoch; seconds_other, the rest: stage 2's
+PPO updates, building the models), anytime_accuracy [T] (percent, the policy's mean locations on the 5,000 test canvases), hit_rate
 [T-1] (share of focus patches holding the digit's centre), random_policy_accuracy [T] and
 random_hit_rate [T-1] (uniform random locations), anytime_macs [T].
 
@@ -53,8 +56,11 @@ def run_recipe(recipe: str, overrides: list[str], out_dir: Path, datasets, progr
     config = load_config(None, [*overrides, f"train.recipe={recipe}",
                                 f"train.out_dir={out_dir}"], base=base)
     began = time.time()
-    train(config, datasets=datasets, progress=progress, overwrite=True)
+    history = train(config, datasets=datasets, progress=progress, overwrite=True)
     seconds = time.time() - began
+    epochs = [m for stage, rows in history.items() if stage != 2 for m in rows]
+    passes = sum(m["train_seconds"] for m in epochs)
+    ends = sum(m["seconds"] for m in epochs) - passes
     model = load_checkpoint(final_checkpoint(config.train.out_dir, recipe))
     runtime = start_runtime(config.train.device, config.train.amp)
     model.to(runtime.device)
@@ -62,6 +68,9 @@ def run_recipe(recipe: str, overrides: list[str], out_dir: Path, datasets, progr
                              config.train.seed)
     learned, random = measured["gfnet"], measured["random_policy"]
     return {"seconds": seconds,
+            "seconds_training_passes": passes,
+            "seconds_end_of_epoch": ends,
+            "seconds_other": seconds - passes - ends,
             "anytime_accuracy": learned["anytime_accuracy"],
             "hit_rate": learned["hit_rate"],
             "random_policy_accuracy": random["anytime_accuracy"],

@@ -108,6 +108,8 @@ def test_recipes_benchmark_trains_both_and_checks_the_goals(tmp_path):
     for recipe in ("three_stage", "one_stage"):
         row = written[recipe]
         assert row["seconds"] > 0
+        split = [row[f"seconds_{part}"] for part in ("training_passes", "end_of_epoch", "other")]
+        assert all(part > 0 for part in split) and sum(split) == pytest.approx(row["seconds"])
         assert len(row["anytime_accuracy"]) == len(row["anytime_macs"]) == 3
         assert len(row["random_policy_accuracy"]) == 3 and len(row["hit_rate"]) == 2
     assert written["three_stage"]["anytime_macs"] == written["one_stage"]["anytime_macs"]

@@ -80,6 +80,7 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
             generator=runtime.generator(run.seed, STREAM_LOCATIONS, stage, epoch),
             description=f"{name} epoch {epoch + 1}/{stage_config.epochs}",
             progress=run.progress, after_step=learner and learner.after_step)
+        trained = time.time()
         if run.stop_requested():
             # a mid-epoch stop: keep the weights, but --resume restarts this epoch from last.pt
             raise run.interrupted(run.save_interrupted(epoch))
@@ -97,7 +98,7 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
                                       seed=run.seed, num_workers=config.data.num_workers)
         metrics = {"lr": [g["lr"] for g in optimizer.param_groups], **metrics,
                    **{f"eval_{key}": value for key, value in evaluation.items()},
-                   "seconds": time.time() - began}
+                   "seconds": time.time() - began, "train_seconds": trained - began}
         model.metrics = {"stage": stage, "epoch": epoch + 1, **metrics}
         if runtime.is_main:
             log.info("%s epoch %d/%d: loss %.4f, train acc %s, eval acc %s%s%s (%.0f s)",
