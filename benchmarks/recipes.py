@@ -12,9 +12,10 @@ its start to its last checkpoint; nothing else should run meanwhile. Prints one 
 split: seconds_training_passes, the passes over the training data with their SGD steps, the
 one-stage recipe's policy updates and loading; seconds_end_of_epoch, the BatchNorm
 re-estimation, evaluation and checkpoint after each epoch; seconds_other, the rest: stage 2's
-PPO updates, building the models), anytime_accuracy [T] (percent, the policy's mean locations on the 5,000 test canvases), hit_rate
-[T-1] (share of focus patches holding the digit's centre), random_policy_accuracy [T] and
-random_hit_rate [T-1] (uniform random locations), anytime_macs [T].
+PPO updates, building the models), anytime_accuracy [T] (percent, the policy's mean locations
+on the 5,000 test canvases), hit_rate [T-1] (share of focus patches holding the digit's centre),
+random_policy_accuracy [T] and random_hit_rate [T-1] (uniform random locations),
+anytime_macs [T].
 
 One run's accuracy on 5,000 test canvases has a standard error of ~0.4 points at 92 %; --seeds
 trains each recipe once per seed (train.seed; the recipes alternate, so the machine's drift

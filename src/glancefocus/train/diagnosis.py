@@ -84,5 +84,5 @@ def explain_locations(rollout: Rollout, section: str,
     return (f"the policy looks at the image's edge for every image (mean location per focus "
             f"step {where}; {edge_share:.0%} of its coordinates within {EDGE} of the edge, "
             f"spread {spread:.3f} across images): its sigmoid is saturated there, so PPO's "
-            f"updates barely move it. Looking at nothing pays best when the focus steps cannot "
-            f"read a patch yet. {remedy}")
+            f"updates barely move it. It goes there when looking at nothing pays best, as while "
+            f"the focus steps cannot read a patch yet. {remedy}")
