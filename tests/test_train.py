@@ -297,16 +297,19 @@ def _rollout(true_probs, correct, means=None):
                    true_probs=true_probs, correct=correct, means=means)
 
 
+def _statistics(rollout):
+    """ppo_update's statistics of `rollout` in one process."""
+    return _update_statistics({}, rollout, torch.zeros_like(rollout.rewards),
+                              Runtime(torch.device("cpu")), True)
+
+
 def test_location_statistics_say_where_the_policy_looks():
     probs, correct = torch.full((2, 2), 0.5), torch.ones(2, 2, dtype=torch.bool)
     inside = torch.tensor([[[0.25, 0.5], [0.75, 0.5]]])        # 1 focus step, 2 images
-    stats = _update_statistics({}, _rollout(probs, correct, inside), torch.zeros(1, 2),
-                               Runtime(torch.device("cpu")), True)
+    stats = _statistics(_rollout(probs, correct, inside))
     assert stats["location_spread"] == pytest.approx((0.25 + 0.0) / 2)
     assert stats["edge_share"] == 0.0
-    edges = torch.tensor([[[0.01, 0.5], [0.99, 0.5]]])
-    stats = _update_statistics({}, _rollout(probs, correct, edges), torch.zeros(1, 2),
-                               Runtime(torch.device("cpu")), True)
+    stats = _statistics(_rollout(probs, correct, torch.tensor([[[0.01, 0.5], [0.99, 0.5]]])))
     assert stats["location_spread"] == pytest.approx((0.49 + 0.0) / 2)
     assert stats["edge_share"] == 0.5  # x of both images, y of none
 
@@ -314,14 +317,15 @@ def test_location_statistics_say_where_the_policy_looks():
 def test_a_policy_stuck_at_the_edge_is_explained():
     probs = torch.stack([torch.full((64,), 0.5), torch.full((64,), 0.45), torch.full((64,), 0.44)])
     correct = probs > 0.6
-    corner = torch.tensor([0.01, 0.97]).expand(2, 64, 2).clone()
-    warning = explain_locations(_rollout(probs, correct, corner), "stage2", None)
+    stuck = _rollout(probs, correct, torch.tensor([0.01, 0.97]).expand(2, 64, 2).clone())
+    warning = explain_locations(_statistics(stuck), stuck, "stage2", None)
     assert "edge for every image" in warning and "(0.01, 0.97)" in warning
     assert "train.stage2.policy_logit_limit=3" in warning
-    assert "policy_logit_limit=3 keeps" in explain_locations(_rollout(probs, correct, corner),
+    assert "policy_logit_limit=3 keeps" in explain_locations(_statistics(stuck), stuck,
                                                              "one_stage", 3.0)
-    spread = torch.rand(2, 64, 2, generator=torch.Generator().manual_seed(0))
-    assert explain_locations(_rollout(probs, correct, spread), "stage2", None) is None
+    spread = _rollout(probs, correct, torch.rand(2, 64, 2, generator=torch.Generator().manual_seed(0)))
+    assert explain_locations(_statistics(spread), spread, "stage2", None) is None
+    assert explain_locations({}, stuck, "stage2", None) is None  # no statistics: no update ran
 
 
 def test_logit_limit_pushes_saturated_means_back_and_leaves_the_rest_alone():

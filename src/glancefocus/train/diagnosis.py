@@ -66,17 +66,16 @@ def explain_rewards(rollout: Rollout, num_classes: int,
                      "that patches can see the object")
 
 
-def explain_locations(rollout: Rollout, section: str,
+def explain_locations(statistics: dict, rollout: Rollout, section: str,
                       logit_limit: Optional[float]) -> Optional[str]:
     """A warning when the policy's mean locations sit at the image's edge, alike for every
-    image (its sigmoid saturated there), else None. section: the config section of its
-    settings ('one_stage' or 'stage2'); logit_limit: the run's policy_logit_limit."""
-    means = rollout.means.float()
-    edge_share = float(((means < EDGE) | (means > 1 - EDGE)).float().mean())
-    spread = float(means.std(1, unbiased=False).mean())
-    if edge_share < STUCK_EDGE_SHARE or spread >= STUCK_SPREAD:
+    image (its sigmoid saturated there), else None. statistics: the update's (ppo_update's,
+    with edge_share and location_spread); section: the config section of the policy's settings
+    ('one_stage' or 'stage2'); logit_limit: the run's policy_logit_limit."""
+    edge_share, spread = statistics.get("edge_share"), statistics.get("location_spread")
+    if edge_share is None or edge_share < STUCK_EDGE_SHARE or spread >= STUCK_SPREAD:
         return None
-    where = ", ".join(f"({x:.2f}, {y:.2f})" for x, y in means.mean(1).tolist())
+    where = ", ".join(f"({x:.2f}, {y:.2f})" for x, y in rollout.means.float().mean(1).tolist())
     remedy = (f"train.{section}.policy_logit_limit={logit_limit:g} keeps its means inside but "
               "the rewards still favour the edge: check that the focus encoder learns"
               if logit_limit is not None else

@@ -65,7 +65,7 @@ class InterleavedPPO:
             self.recorder.write(self.updates, stats)
         if weight and self.updates >= self.warn_from_update:
             self._warn(explain_rewards(rollout, self.model.config.num_classes, recipe="one-stage")
-                       or explain_locations(rollout, "one_stage",
+                       or explain_locations(stats, rollout, "one_stage",
                                             self.settings.policy_logit_limit))
 
     def _warn(self, warning: Optional[str]) -> None:

@@ -79,7 +79,8 @@ def run_policy_stage(run: StageRun) -> list[dict]:
                 stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
                                    where=f"stage 2 update {update + 1}", weight=weight)
                 warning = (explain_rewards(rollout, model.config.num_classes)
-                           or explain_locations(rollout, "stage2", stage_config.policy_logit_limit)
+                           or explain_locations(stats, rollout, "stage2",
+                                                stage_config.policy_logit_limit)
                            if weight else None)
                 if warning and runtime.is_main and update - last_warning >= WARN_EVERY:
                     log.warning("update %d: %s", update + 1, warning)
