@@ -141,7 +141,6 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
         if config.train.one_stage.epochs < 1:
             raise ValueError(f"train.one_stage.epochs must be >= 1, got {config.train.one_stage.epochs}")
         _check_one_stage_settings(config.train.one_stage)
-        _check_logit_limit(config.train.one_stage, "one_stage")
         return (ONE_STAGE,)
     stages = ALL_STAGES if stages is None else tuple(stages)
     if not stages or any(s not in ALL_STAGES for s in stages) or list(stages) != sorted(set(stages)):
@@ -172,6 +171,7 @@ def _check_one_stage_settings(settings) -> None:
     if settings.focus_on not in FOCUS_ON:
         raise ValueError("train.one_stage.focus_on must be 'first' or 'uncertain', got "
                          f"{settings.focus_on!r}")
+    _check_logit_limit(settings, "one_stage")
     if not settings.glance_loss_weight > 0:
         raise ValueError("train.one_stage.glance_loss_weight must be > 0, got "
                          f"{settings.glance_loss_weight}")
