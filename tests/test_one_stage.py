@@ -14,8 +14,9 @@ from glancefocus.config import ConfigError, load_config
 from glancefocus.presets import get_preset
 from glancefocus.train import train
 from glancefocus.train.command import describe_recipe
-from glancefocus.train.one_stage import random_fraction
+from glancefocus.train.one_stage import focus_fraction, random_fraction
 from glancefocus.train.one_stage_loss import OneStageLoss
+from glancefocus.train.ppo import rollout_of
 from glancefocus.train.state import ONE_STAGE, final_checkpoint
 
 TINY = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "data.num_clutter=2",
@@ -84,11 +85,16 @@ def test_one_stage_model_evaluates_and_predicts_like_any_other(tmp_path):
 
 
 def test_resume_gives_the_same_weights(tmp_path):
+    # a PPO update every 2 of an epoch's 3 steps (the last alone) and a falling focus share
+    settings = ["train.one_stage.epochs=3", "train.one_stage.ppo_every=2",
+                "train.one_stage.focus_fraction=1.0", "train.one_stage.focus_fraction_end=0.5"]
     reference = tmp_path / "reference"
-    train(one_stage_config(reference, "train.one_stage.epochs=3"), progress=False)
+    history = train(one_stage_config(reference, *settings), progress=False)[ONE_STAGE]
+    assert [epoch["ppo_updates"] for epoch in history] == [2, 2, 2]
+    assert [epoch["focus_fraction"] for epoch in history] == [1.0, 0.75, 0.5]
 
     run = tmp_path / "interrupted"
-    config = one_stage_config(run, "train.one_stage.epochs=3")
+    config = one_stage_config(run, *settings)
 
     def stop_after_epoch(epoch):
         def hook(stage, training):
@@ -100,7 +106,7 @@ def test_resume_gives_the_same_weights(tmp_path):
         train(config, progress=False, on_checkpoint=stop_after_epoch(1))
     with pytest.raises(_Interrupt):
         train(config, resume=True, progress=False, on_checkpoint=stop_after_epoch(2))
-    assert read_checkpoint(run / "one-stage" / "last.pt")["training"]["update"] == 6
+    assert read_checkpoint(run / "one-stage" / "last.pt")["training"]["update"] == 4
     train(config, resume=True, progress=False)
     a, b = weights(reference / "one-stage" / "last.pt"), weights(run / "one-stage" / "last.pt")
     assert a.keys() == b.keys()
@@ -108,7 +114,7 @@ def test_resume_gives_the_same_weights(tmp_path):
         assert torch.equal(a[key], b[key]), key
     # the policy's log holds every update once
     rows = (run / "one-stage" / "ppo.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows] == [str(u) for u in range(1, 10)]
+    assert [row.split(",")[0] for row in rows] == [str(u) for u in range(1, 7)]
 
 
 def test_accumulation_bf16_channels_last(tmp_path):
@@ -123,9 +129,11 @@ def test_rollout_log_probs_under_autocast_are_the_updates_float32_ones():
 
     model = create_model("demo", patch_size=16)
     loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # two steps' forward passes, joined
         loss(torch.randn(4, 1, 48, 48), torch.randint(0, 10, (4,)))
-    rollout = loss.take_rollout()
+        loss(torch.randn(3, 1, 48, 48), torch.randint(0, 10, (3,)))
+    rollout = rollout_of(model.policy, loss.take_episodes())
+    assert rollout.states.shape[:2] == (2, 7) and rollout.true_probs.shape == (3, 7)
     log_probs = model.policy.evaluate(rollout.states, rollout.actions).log_probs
     assert rollout.log_probs.dtype == torch.float32
     assert torch.equal(rollout.log_probs, log_probs)  # PPO's first ratio is exactly 1
@@ -143,13 +151,20 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
         train(one_stage_config(tmp_path, "train.one_stage.glance_loss_weight=0"), progress=False)
     with pytest.raises(ValueError, match=r"focus_fraction must be in \(0, 1\]"):
         train(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0"), progress=False)
+    with pytest.raises(ValueError, match=r"focus_fraction_end must be in \(0, 1\]"):
+        train(one_stage_config(tmp_path, "train.one_stage.focus_fraction_end=1.5"), progress=False)
+    with pytest.raises(ValueError, match="ppo_every must be >= 1, got 0"):
+        train(one_stage_config(tmp_path, "train.one_stage.ppo_every=0"), progress=False)
     with pytest.raises(ValueError, match="focus_on must be 'first' or 'uncertain'"):
         train(one_stage_config(tmp_path, "train.one_stage.focus_on=hardest"), progress=False)
 
 
-def test_random_fraction_falls_linearly():
+def test_random_and_focus_fractions_fall_linearly():
     settings = load_config(None, ["train.one_stage.epochs=5"]).train.one_stage
     assert [random_fraction(settings, e) for e in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+    assert [focus_fraction(settings, e) for e in range(5)] == [1.0] * 5  # no end: constant
+    settings.focus_fraction, settings.focus_fraction_end = 0.5, 0.3
+    assert [round(focus_fraction(settings, e), 6) for e in range(5)] == [0.5, 0.45, 0.4, 0.35, 0.3]
 
 
 def test_loss_splits_the_batch_and_keeps_the_policy_rollout():
@@ -162,10 +177,10 @@ def test_loss_splits_the_batch_and_keeps_the_policy_rollout():
     value.backward()
     assert logits.shape == (3, 8, 10)
     assert all(p.grad is None for p in model.policy.parameters())  # PPO trains the policy
-    rollout = loss.take_rollout()
+    rollout = rollout_of(model.policy, loss.take_episodes())
     assert rollout.states.shape[:2] == (2, 6)   # 2 of 8 images at random locations
     assert rollout.actions.shape == (2, 6, 2) and rollout.true_probs.shape == (3, 6)
-    assert loss.take_rollout() is None
+    assert loss.take_episodes() == []
     assert OneStageLoss(model, 1.0, random_fraction=0.9).random_count(4) == 3  # one follows
 
 
@@ -199,7 +214,7 @@ def test_focus_fraction_trains_the_glance_on_the_whole_batch_and_the_focus_on_pa
     steps = [F.cross_entropy(logits[0], labels)]
     steps += [F.cross_entropy(step[:4], labels[:4]) for step in logits[1:]]
     assert torch.allclose(value, sum(steps) / 3, rtol=1e-5)
-    rollout = loss.take_rollout()
+    rollout = rollout_of(model.policy, loss.take_episodes())
     assert rollout.states.shape[:2] == (2, 2)            # of 4 focusing images, 2 follow
 
 
@@ -216,7 +231,7 @@ def test_focus_on_uncertain_focuses_the_images_the_glance_is_least_sure_of():
     focused = logits[1].isfinite().all(-1)
     assert int(focused.sum()) == 4 and logits[2, focused].isfinite().all()
     assert confidence[focused].max() < confidence[~focused].min()
-    assert loss.take_rollout().states.shape[:2] == (2, 2)  # of 4 focusing images, 2 follow
+    assert rollout_of(model.policy, loss.take_episodes()).states.shape[:2] == (2, 2)  # of 4 focusing images, 2 follow
     # the same pixels, steps and classifier as when those images come first
     loss.focus_on = "first"
     order = torch.cat([focused.nonzero()[:, 0], (~focused).nonzero()[:, 0]])
@@ -258,10 +273,17 @@ def test_print_config_counts_the_policy_updates(tmp_path):
     text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0.5"))
     assert ("PPO update of the policy; the focus steps on 50% of each batch (those the glance is "
             "least sure of)") in text
+    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.ppo_every=4",
+                                            "train.one_stage.focus_fraction=0.5",
+                                            "train.one_stage.focus_fraction_end=0.25"))
+    assert ("6 SGD steps, and 2 PPO updates of the policy (one every 4 steps); the focus steps "
+            "on 50% (first epoch) to 25% (last) of each batch") in text
 
 
 def test_ddp_two_processes_agree(tmp_path, torchrun_train):
-    output = torchrun_train(*TINY, "train.one_stage.epochs=1", f"train.out_dir={tmp_path}")
+    # 3 steps: an update after the second and one after the third alone
+    output = torchrun_train(*TINY, "train.one_stage.epochs=1", "train.one_stage.ppo_every=2",
+                            f"train.out_dir={tmp_path}")
     assert "one-stage: the 2 processes hold identical weights" in output, output[-3000:]
     assert (tmp_path / "one-stage" / "last.pt").is_file()
 
@@ -277,3 +299,31 @@ def test_a_run_saved_before_the_recipe_key_existed_still_resumes():
     changed = to_dict(load_config(None, ["train.recipe=one-stage"], base=get_preset("demo")))
     with pytest.raises(ConfigError, match="train.recipe"):
         check_same_run(current, changed, "RUN/stage1/last.pt")
+
+
+def test_ppo_every_joins_the_steps_episodes_and_leaves_out_skipped_and_stand_in_steps(monkeypatch):
+    from glancefocus.model import create_model
+    from glancefocus.train import one_stage
+    from glancefocus.train.faults import NonFiniteGuard
+    from glancefocus.train.runtime import start_runtime
+
+    model = create_model("demo", patch_size=16)
+    settings = load_config(None, ["train.one_stage.ppo_every=3"]).train.one_stage
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.0)
+    learner = one_stage.InterleavedPPO(model, loss, settings, start_runtime("cpu"), NonFiniteGuard(10))
+    updates = []
+    monkeypatch.setattr(one_stage, "ppo_update", lambda _loss, _opt, rollout, *args, weight, **kw:
+                        updates.append((rollout.actions.shape[1], weight)) or {})
+
+    def step(images, applied=True, weight=1.0):
+        loss(torch.randn(images, 1, 48, 48), torch.randint(0, 10, (images,)))
+        learner.after_step(applied, weight)
+
+    step(2), step(3, applied=False), step(4, weight=0.0)
+    assert updates == []                     # two applied steps so far
+    step(5)                                  # the third: the real steps' 2 + 5 images
+    step(6, weight=0.0), step(1, weight=0.0)
+    learner.finish_epoch()                   # only stand-ins: the last one's, adding nothing
+    learner.finish_epoch()                   # nothing left
+    assert updates == [(7, 1.0), (1, 0.0)]
+    assert learner.updates == 2

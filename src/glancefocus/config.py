@@ -132,6 +132,16 @@ class OneStageConfig(StageConfig):
     """Share of each batch that takes the focus steps (the rest trains the glance only). Below
     1 a step costs less, so more epochs fit in the same time: the glance gets every one, the
     focus steps this share of each; the demo uses 0.5 with 11 epochs instead of 8."""
+    focus_fraction_end: Optional[float] = None
+    """The focus steps' share in the last epoch, reached linearly from focus_fraction in the
+    first (null: focus_fraction throughout). As the glance improves, fewer images need a look:
+    the share the glance is least sure of can shrink once the policy has found where to look."""
+    ppo_every: int = 1
+    """A PPO update of the policy every this many classifier steps, on the images of those
+    steps that followed it (the policy is the same through them). An update on four steps'
+    images costs little more than one on one step's, so above 1 the policy costs less per step;
+    it also gets that many times fewer updates, which can delay the epoch in which it finds the
+    object."""
     focus_on: str = "uncertain"
     """Which images of a batch take the focus steps when focus_fraction < 1: 'uncertain'
     (those the glance is least sure of: the images early exit would send on, where a look

@@ -103,6 +103,7 @@ def describe_recipe(config: RunConfig) -> str:
 
     from ..config import to_dict
     from ..data import build_datasets
+    from .one_stage import focus_fraction
     from .stages import with_class_count
 
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -119,10 +120,18 @@ def describe_recipe(config: RunConfig) -> str:
         one = config.train.one_stage
         which = (" (those the glance is least sure of)" if one.focus_on == "uncertain"
                  else "")
-        focus = ("" if one.focus_fraction >= 1 else
-                 f"; the focus steps on {one.focus_fraction:.0%} of each batch{which}")
+        end = focus_fraction(one, one.epochs - 1)
+        share = (f"{one.focus_fraction:.0%}" if end == one.focus_fraction else
+                 f"{one.focus_fraction:.0%} (first epoch) to {end:.0%} (last)")
+        focus = ("" if min(one.focus_fraction, end) >= 1 else
+                 f"; the focus steps on {share} of each batch{which}")
+        if one.ppo_every == 1:
+            policy = "each followed by a PPO update of the policy"
+        else:
+            updates = one.epochs * math.ceil(steps_per_epoch / one.ppo_every)
+            policy = f"and {updates} PPO updates of the policy (one every {one.ppo_every} steps)"
         lines = head + [f"one-stage: {one.epochs} epochs = {one.epochs * steps_per_epoch} SGD "
-                        f"steps, each followed by a PPO update of the policy{focus}"]
+                        f"steps, {policy}{focus}"]
     else:
         stage2 = config.train.stage2
         updates = stage2.updates or stage2.epochs * steps_per_epoch

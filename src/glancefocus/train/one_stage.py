@@ -2,11 +2,14 @@
 together in one run.
 
 Each training step is stage 1's SGD step on the encoders and the classifier (OneStageLoss: part of
-the batch at random locations, the rest at the current policy's), followed by one PPO update of
-the policy on the rollout of that same forward pass: the images that followed the policy, with
-the paper's reward (the gain of the true class's probability at each focus step) measured by the
-classifier as it is at that moment. The share of random locations falls over the run, from
-stage 1's random patches towards stage 3's policy patches. This interleaves the policy's updates
+the batch at random locations, the rest at the current policy's); every `ppo_every` steps, one PPO
+update of the policy follows on the rollout of those steps' forward passes: the images that
+followed the policy, with the paper's reward (the gain of the true class's probability at each
+focus step) measured by the classifier as it was at that step. The policy does not change between
+its updates, so the joined rollout is one policy's, and PPO's first ratio is exactly 1; an
+update's cost hardly grows with its rollout, so one every few steps costs a fraction of one per
+step. The share of random locations falls over the run, from stage 1's random patches towards
+stage 3's policy patches. This interleaves the policy's updates
 with the classifier's, as AdaptiveNN (Nature Machine Intelligence, 2025) does, instead of
 training them in separate stages.
 
@@ -26,13 +29,14 @@ import torch
 from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .faults import NonFiniteGuard
 from .one_stage_loss import OneStageLoss
-from .ppo import PPOLoss, ppo_update
+from .ppo import Episode, PPOLoss, ppo_update, rollout_of
 from .runtime import Runtime
 
 log = logging.getLogger("glancefocus.train")
 
 class InterleavedPPO:
-    """The policy's optimiser and the PPO update that follows every classifier step."""
+    """The policy's optimiser and the PPO update that follows every `ppo_every` classifier
+    steps (and an epoch's last steps)."""
 
     def __init__(self, model, loss: OneStageLoss, settings, runtime: Runtime,
                  guard: NonFiniteGuard):
@@ -45,16 +49,40 @@ class InterleavedPPO:
                                              logit_limit=settings.policy_logit_limit))
         self.updates = 0
         self.recorder = None          # ppo.csv, set by the stage loop
-        self.warn_from_update = 0     # no reward warnings before this (the encoders are new)
+        self.warn = False             # reward warnings (not in the first epoch: the encoders are new)
         self._epoch_stats: list[dict] = []
         self._last_warning = -math.inf
+        self._steps = 0               # classifier steps since the last update
+        self._episodes: list[Episode] = []  # their episodes
+        self._stand_in: list[Episode] = []  # a stand-in batch's, for when there are no others
 
     def after_step(self, applied: bool, weight: float) -> None:
-        """train_epoch's hook: one PPO update on the step's rollout (none when the classifier's
-        step was skipped as non-finite: every process skips it together)."""
-        rollout = self.loss.take_rollout()
-        if not applied or rollout is None:
+        """train_epoch's hook: keep the step's episodes (none when the classifier's step was
+        skipped as non-finite: every process skips it together), and update the policy every
+        ppo_every steps."""
+        episodes = self.loss.take_episodes()
+        if not applied:
             return
+        if weight:
+            self._episodes += episodes
+        else:
+            self._stand_in = episodes
+        self._steps += 1
+        if self._steps >= self.settings.ppo_every:
+            self._update()
+
+    def finish_epoch(self) -> None:
+        """The update on the epoch's last steps, when they were fewer than ppo_every."""
+        if self._steps:
+            self._update()
+
+    def _update(self) -> None:
+        # a process whose batches were all stand-ins still takes part in the update, adding nothing
+        episodes, weight = (self._episodes, 1.0) if self._episodes else (self._stand_in, 0.0)
+        self._steps, self._episodes, self._stand_in = 0, [], []
+        if not episodes:  # no image followed the policy (random_fraction 1): on every process
+            return
+        rollout = rollout_of(self.model.policy, episodes)
         stats = ppo_update(self.ppo_loss, self.optimizer, rollout, self.settings, self.runtime,
                            self.guard, where=f"one-stage policy update {self.updates + 1}",
                            weight=weight)
@@ -63,7 +91,7 @@ class InterleavedPPO:
             self._epoch_stats.append(stats)
         if self.recorder is not None:
             self.recorder.write(self.updates, stats)
-        if weight and self.updates >= self.warn_from_update:
+        if weight and self.warn:
             self._warn(explain_rewards(rollout, self.model.config.num_classes, recipe="one-stage")
                        or explain_locations(stats, rollout, "one_stage",
                                             self.settings.policy_logit_limit))
@@ -96,8 +124,18 @@ def _mean(values: list[float]) -> float:
 def random_fraction(settings, epoch: int) -> float:
     """The share of a batch at random locations in `epoch` (0-based): linear from
     random_fraction_start in the first epoch to random_fraction_end in the last."""
-    if settings.epochs <= 1:
-        return settings.random_fraction_start
-    progress = epoch / (settings.epochs - 1)
-    return (settings.random_fraction_start
-            + (settings.random_fraction_end - settings.random_fraction_start) * progress)
+    return _linear(settings.random_fraction_start, settings.random_fraction_end, epoch,
+                   settings.epochs)
+
+
+def focus_fraction(settings, epoch: int) -> float:
+    """The share of a batch that takes the focus steps in `epoch` (0-based): linear from
+    focus_fraction in the first epoch to focus_fraction_end (when set) in the last."""
+    end = settings.focus_fraction if settings.focus_fraction_end is None else settings.focus_fraction_end
+    return _linear(settings.focus_fraction, end, epoch, settings.epochs)
+
+
+def _linear(start: float, end: float, epoch: int, epochs: int) -> float:
+    if epochs <= 1:
+        return start
+    return start + (end - start) * epoch / (epochs - 1)

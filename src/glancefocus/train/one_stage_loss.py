@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ppo import Rollout, join_rollouts, rollout_of
+from .ppo import Episode
 
 
 class OneStageLoss(nn.Module):
-    """forward(images, labels, generator) -> (loss, per-step logits [T, B, K]); the rollouts of
-    the calls since the last `take_rollout()` are kept until then."""
+    """forward(images, labels, generator) -> (loss, per-step logits [T, B, K]); the episodes of
+    the images that followed the policy in the calls since the last `take_episodes()` are kept
+    until then."""
 
     def __init__(self, model, dsn_ratio: float, random_fraction: float = 0.5,
                  glance_weight: float = 1.0, focus_fraction: float = 1.0,
@@ -47,7 +48,7 @@ class OneStageLoss(nn.Module):
         self.focus_fraction = focus_fraction
         self.focus_on = focus_on
         self.random_fraction = random_fraction
-        self._rollouts: list[Rollout] = []
+        self._episodes: list[Episode] = []
 
     def focus_count(self, batch: int) -> int:
         """How many images of a batch take the focus steps (at least one; which ones:
@@ -93,9 +94,9 @@ class OneStageLoss(nn.Module):
         ce += [F.cross_entropy(step.float(), focus_labels) for step in logits[1:]]
         logits = torch.stack(logits).detach()
         if states and bool(follows.any()):
-            self._rollouts.append(rollout_of(policy, torch.stack(states)[:, follows],
-                                             torch.stack(actions)[:, follows],
-                                             logits[:, follows], focus_labels[follows]))
+            self._episodes.append(Episode(torch.stack(states)[:, follows],
+                                          torch.stack(actions)[:, follows],
+                                          logits[:, follows], focus_labels[follows]))
         steps = len(logits)
         # a weighted mean over the steps, so the weight moves the balance, not the step size
         weights = [self.glance_weight] + [1.0] * (steps - 1)
@@ -111,11 +112,11 @@ class OneStageLoss(nn.Module):
         confidence = glance_logits.float().softmax(-1).amax(-1)
         return confidence.topk(focused, largest=False).indices.sort().values
 
-    def take_rollout(self) -> Optional[Rollout]:
-        """The rollout of the images that followed the policy since the last call (micro-batches
-        joined), or None when there were none."""
-        parts, self._rollouts = self._rollouts, []
-        return join_rollouts(parts) if parts else None
+    def take_episodes(self) -> list[Episode]:
+        """The episodes of the images that followed the policy since the last call (one per
+        forward pass; none when no image followed it)."""
+        episodes, self._episodes = self._episodes, []
+        return episodes
 
 
 def _pad_unfocused(glance_logits: torch.Tensor, logits: torch.Tensor,

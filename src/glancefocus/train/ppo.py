@@ -11,9 +11,8 @@ update moved it (measured before the first step, they would always be 0).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +38,26 @@ class Rollout:
         return self.true_probs[1:] - self.true_probs[:-1]
 
 
+class Episode(NamedTuple):
+    """The images that followed the policy in one forward pass, before the policy evaluates
+    them: states [S, B, C, h, w], sampled actions [S, B, 2], per-step logits [T, B, K] and
+    labels [B]."""
+    states: torch.Tensor
+    actions: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
 @torch.no_grad()
 def collect_rollout(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
                     generator: torch.Generator, micro_batch: int = 0) -> Rollout:
     """Run the frozen model with sampled locations, micro-batch by micro-batch."""
     size = micro_batch if micro_batch > 0 else images.shape[0]
-    return join_rollouts([_rollout_part(model, x, y, runtime, generator)
-                          for x, y in zip(images.split(size), labels.split(size))])
+    return rollout_of(model.policy, [_episode(model, x, y, runtime, generator)
+                                     for x, y in zip(images.split(size), labels.split(size))])
 
 
-def join_rollouts(parts: list[Rollout]) -> Rollout:
-    """One rollout of the images of several (micro-batch) rollouts."""
-    fields = [f.name for f in dataclasses.fields(Rollout)]
-    return Rollout(*(torch.cat([getattr(p, name) for p in parts], dim=1) for name in fields))
-
-
-def _rollout_part(model, images, labels, runtime: Runtime, generator) -> Rollout:
+def _episode(model, images, labels, runtime: Runtime, generator) -> Episode:
     states, actions, logits = [], [], []
     with runtime.autocast():
         out = model.step(images)
@@ -64,16 +67,18 @@ def _rollout_part(model, images, labels, runtime: Runtime, generator) -> Rollout
             out = model.step(images, out.state, sample=True, generator=generator)
             actions.append(out.location)
             logits.append(out.logits)
-    return rollout_of(model.policy, torch.stack(states), torch.stack(actions),
-                      torch.stack(logits), labels)
+    return Episode(torch.stack(states), torch.stack(actions), torch.stack(logits), labels)
 
 
 @torch.no_grad()
-def rollout_of(policy, states: torch.Tensor, actions: torch.Tensor, logits: torch.Tensor,
-               labels: torch.Tensor) -> Rollout:
-    """The rollout of an episode: states [S, B, ...], actions [S, B, 2], logits [T, B, K]."""
+def rollout_of(policy, episodes: list[Episode]) -> Rollout:
+    """One rollout of the episodes' images (collected by the same policy, as it is now)."""
+    states = torch.cat([e.states for e in episodes], dim=1)
+    actions = torch.cat([e.actions for e in episodes], dim=1)
+    logits = torch.cat([e.logits for e in episodes], dim=1)
+    labels = torch.cat([e.labels for e in episodes])
     # the collecting policy's log-probabilities and values in float32, outside autocast, as
-    # PPO's update computes them, so that its first ratio is exactly 1
+    # PPO's update computes them (on the whole rollout at once), so its first ratio is exactly 1
     with torch.autocast(states.device.type, enabled=False):
         episode = policy.evaluate(states, actions)
     logits = logits.float()

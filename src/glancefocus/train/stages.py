@@ -165,9 +165,12 @@ def _check_one_stage_settings(settings) -> None:
         value = getattr(settings, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"train.one_stage.{key} must be in [0, 1], got {value}")
-    if not 0.0 < settings.focus_fraction <= 1.0:
-        raise ValueError("train.one_stage.focus_fraction must be in (0, 1], got "
-                         f"{settings.focus_fraction}")
+    for key in ("focus_fraction", "focus_fraction_end"):
+        value = getattr(settings, key)
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"train.one_stage.{key} must be in (0, 1], got {value}")
+    if settings.ppo_every < 1:
+        raise ValueError(f"train.one_stage.ppo_every must be >= 1, got {settings.ppo_every}")
     if settings.focus_on not in FOCUS_ON:
         raise ValueError("train.one_stage.focus_on must be 'first' or 'uncertain', got "
                          f"{settings.focus_on!r}")

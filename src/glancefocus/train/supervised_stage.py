@@ -16,8 +16,8 @@ from ..interrupts import UntilStopped
 from .batchnorm import recalibrate_batchnorm
 from .context import StageRun
 from .evaluation import evaluate_anytime
-from .loaders import batches_per_epoch, check_bad_files, make_loader, per_process_batch
-from .one_stage import InterleavedPPO, random_fraction
+from .loaders import check_bad_files, make_loader, per_process_batch
+from .one_stage import InterleavedPPO, focus_fraction, random_fraction
 from .one_stage_loss import OneStageLoss
 from .optim import Optimizers, freeze_for_stage, gfnet_sgd, set_cosine_lr, set_train_modes
 from .runtime import STREAM_BATCHNORM, STREAM_GLOBAL, STREAM_LOCATIONS
@@ -45,8 +45,6 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         with _policy_frozen(model):
             loss_module = runtime.wrap(plain_loss)
         learner = InterleavedPPO(model, plain_loss, stage_config, runtime, run.guard)
-        # the first epoch's encoders are new: rewards near zero are expected there
-        learner.warn_from_update = batches_per_epoch(len(run.train_set), batch_size, runtime)
         optimizers = Optimizers(sgd=optimizer, ppo=learner.optimizer)
     else:
         plain_loss = GlanceFocusLoss(model, stage_config.dsn_ratio, random_locations=stage == 1)
@@ -71,7 +69,10 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         extra = {}
         if learner is not None:
             plain_loss.random_fraction = random_fraction(stage_config, epoch)
-            extra["random_fraction"] = plain_loss.random_fraction
+            plain_loss.focus_fraction = focus_fraction(stage_config, epoch)
+            extra = {"random_fraction": plain_loss.random_fraction,
+                     "focus_fraction": plain_loss.focus_fraction}
+            learner.warn = epoch > 0  # the first epoch's encoders are new: rewards near 0 expected
         metrics = train_epoch(
             loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_poll),
             optimizer, runtime, run.guard,
@@ -80,10 +81,12 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
             generator=runtime.generator(run.seed, STREAM_LOCATIONS, stage, epoch),
             description=f"{name} epoch {epoch + 1}/{stage_config.epochs}",
             progress=run.progress, after_step=learner and learner.after_step)
-        trained = time.time()
         if run.stop_requested():
             # a mid-epoch stop: keep the weights, but --resume restarts this epoch from last.pt
             raise run.interrupted(run.save_interrupted(epoch))
+        if learner is not None:
+            learner.finish_epoch()
+        trained = time.time()
         check_bad_files(run.train_set)
         metrics["bad_files"] = _bad_file_count(run.train_set)
         if learner is not None:
@@ -92,7 +95,7 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
                               runtime.generator(run.seed, STREAM_BATCHNORM, stage, epoch),
                               config.train.channels_last)
         if learner is not None:
-            plain_loss.take_rollout()  # the recalibration's forward passes update nothing
+            plain_loss.take_episodes()  # the recalibration's forward passes update nothing
         runtime.share_buffers(model)
         evaluation = evaluate_anytime(model, run.eval_set, runtime, batch_size, locations,
                                       seed=run.seed, num_workers=config.data.num_workers)
@@ -139,7 +142,8 @@ def _policy_line(metrics: dict) -> str:
     return (f"{hits}; policy: reward {rewards}, approx KL {metrics['ppo_approx_kl']:.4f}, "
             f"explained variance {metrics['ppo_explained_variance']:.2f}, location spread "
             f"{metrics['ppo_location_spread']:.2f}, at edge {metrics['ppo_edge_share']:.0%}, "
-            f"random share {metrics['random_fraction']:.2f}")
+            f"random share {metrics['random_fraction']:.2f}, focus share "
+            f"{metrics['focus_fraction']:.2f}")
 
 
 def _epoch_batches(run: StageRun, batch_size: int, epoch: int):
