@@ -231,7 +231,8 @@ def test_focus_on_uncertain_focuses_the_images_the_glance_is_least_sure_of():
     focused = logits[1].isfinite().all(-1)
     assert int(focused.sum()) == 4 and logits[2, focused].isfinite().all()
     assert confidence[focused].max() < confidence[~focused].min()
-    assert rollout_of(model.policy, loss.take_episodes()).states.shape[:2] == (2, 2)  # of 4 focusing images, 2 follow
+    rollout = rollout_of(model.policy, loss.take_episodes())
+    assert rollout.states.shape[:2] == (2, 2)  # of 4 focusing images, 2 follow
     # the same pixels, steps and classifier as when those images come first
     loss.focus_on = "first"
     order = torch.cat([focused.nonzero()[:, 0], (~focused).nonzero()[:, 0]])
