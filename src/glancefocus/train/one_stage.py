@@ -9,9 +9,8 @@ focus step) measured by the classifier as it was at that step. The policy does n
 its updates, so the joined rollout is one policy's, and PPO's first ratio is exactly 1; an
 update's cost hardly grows with its rollout, so one every few steps costs a fraction of one per
 step. The share of random locations falls over the run, from stage 1's random patches towards
-stage 3's policy patches. This interleaves the policy's updates
-with the classifier's, as AdaptiveNN (Nature Machine Intelligence, 2025) does, instead of
-training them in separate stages.
+stage 3's policy patches. This interleaves the policy's updates with the classifier's, as
+AdaptiveNN (Nature Machine Intelligence, 2025) does, instead of training them in separate stages.
 
 Logged: every policy update in RUN/one-stage/ppo.csv (reward per focus step, approx KL, clip
 fraction, explained variance, entropy, accuracy per step of the images that followed the policy,
@@ -131,8 +130,8 @@ def random_fraction(settings, epoch: int) -> float:
 def focus_fraction(settings, epoch: int) -> float:
     """The share of a batch that takes the focus steps in `epoch` (0-based): linear from
     focus_fraction in the first epoch to focus_fraction_end (when set) in the last."""
-    end = settings.focus_fraction if settings.focus_fraction_end is None else settings.focus_fraction_end
-    return _linear(settings.focus_fraction, end, epoch, settings.epochs)
+    start, end = settings.focus_fraction, settings.focus_fraction_end
+    return _linear(start, start if end is None else end, epoch, settings.epochs)
 
 
 def _linear(start: float, end: float, epoch: int, epochs: int) -> float:

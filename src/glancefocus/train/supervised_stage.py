@@ -66,12 +66,9 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         runtime.seed_process(run.seed, STREAM_GLOBAL, stage, epoch)
         set_cosine_lr(optimizer, epoch, stage_config.epochs)
         set_train_modes(model, stage, stage_config)
-        extra = {}
         if learner is not None:
             plain_loss.random_fraction = random_fraction(stage_config, epoch)
             plain_loss.focus_fraction = focus_fraction(stage_config, epoch)
-            extra = {"random_fraction": plain_loss.random_fraction,
-                     "focus_fraction": plain_loss.focus_fraction}
             learner.warn = epoch > 0  # the first epoch's encoders are new: rewards near 0 expected
         metrics = train_epoch(
             loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_poll),
@@ -90,7 +87,8 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         check_bad_files(run.train_set)
         metrics["bad_files"] = _bad_file_count(run.train_set)
         if learner is not None:
-            metrics.update(extra, **learner.epoch_summary())
+            metrics.update(random_fraction=plain_loss.random_fraction,
+                           focus_fraction=plain_loss.focus_fraction, **learner.epoch_summary())
         recalibrate_batchnorm(model, plain_loss, _epoch_batches(run, batch_size, epoch), runtime,
                               runtime.generator(run.seed, STREAM_BATCHNORM, stage, epoch),
                               config.train.channels_last)
