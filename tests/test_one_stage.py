@@ -271,7 +271,8 @@ def test_training_accuracy_counts_only_the_steps_an_image_took():
 def test_print_config_counts_the_policy_updates(tmp_path):
     text = describe_recipe(one_stage_config(tmp_path))
     assert "one-stage: 2 epochs = 6 SGD steps, each followed by a PPO update" in text
-    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.focus_fraction=0.5"))
+    assert "the focus steps on 50% (first epoch) to 20% (last) of each batch" in text  # the demo's
+    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.focus_fraction_end=null"))
     assert ("PPO update of the policy; the focus steps on 50% of each batch (those the glance is "
             "least sure of)") in text
     text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.ppo_every=4",

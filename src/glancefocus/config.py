@@ -103,6 +103,9 @@ class StageConfig:
     gamma: float = 0.7
     value_coef: float = 0.5
     entropy_coef: float = 0.01
+    """Weight of the entropy bonus in PPO's loss, as the authors have it. The policy's
+    standard deviation is fixed (model.policy_std, not learned), so its entropy is a constant
+    (logged, the same at every update) and this term changes no gradient."""
     updates: int = 0
     """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
     policy_logit_limit: Optional[float] = None
@@ -127,7 +130,7 @@ class OneStageConfig(StageConfig):
     glance_loss_weight: float = 1.0
     """Weight of the glance's cross-entropy against each focus step's (1: stage 1's plain
     mean over the steps). Above 1 favours the glance, which a one-stage run trains for fewer
-    epochs than the three-stage recipe does; the demo uses 3."""
+    epochs than the three-stage recipe does; the demo uses 4."""
     focus_fraction: float = 1.0
     """Share of each batch that takes the focus steps (the rest trains the glance only). Below
     1 a step costs less, so more epochs fit in the same time: the glance gets every one, the
@@ -135,7 +138,8 @@ class OneStageConfig(StageConfig):
     focus_fraction_end: Optional[float] = None
     """The focus steps' share in the last epoch, reached linearly from focus_fraction in the
     first (null: focus_fraction throughout). As the glance improves, fewer images need a look:
-    the share the glance is least sure of can shrink once the policy has found where to look."""
+    the share the glance is least sure of can shrink once the policy has found where to look;
+    the demo uses 0.2."""
     ppo_every: int = 1
     """A PPO update of the policy every this many classifier steps, on the images of those
     steps that followed it (the policy is the same through them). An update on four steps'
