@@ -20,7 +20,7 @@ Prints (and with --json writes) one JSON object; per budget: budget, accuracy, m
 images_per_second, macs_speedup and time_speedup (both relative to (a)), and their ratio.
 
 --engine: torch (PyTorch eager), onnx (the model exported with glancefocus.export and run by
-glancefocus.runtime on onnxruntime, with as many threads as torch) or both. One engine: each
+glancefocus_runtime on onnxruntime, with as many threads as torch) or both. One engine: each
 model's report is the format above plus "engine" (and, for onnx, "matches_torch" per budget:
 labels and exit steps equal to the PyTorch predictor's). Both: {"torch": ..., "onnx": ...,
 "onnx_over_torch_images_per_second": ...} per model, every variant of both engines timed in the
@@ -150,11 +150,11 @@ def time_rounds(variants: dict, repeats: int) -> dict:
 
 
 class OnnxEngine:
-    """The model exported to a temporary folder and run by glancefocus.runtime."""
+    """The model exported to a temporary folder and run by glancefocus_runtime."""
 
     def __init__(self, model, image_size: int, static_backbone, static_shape):
         from glancefocus.export import export_onnx
-        from glancefocus.runtime import ExportedModel
+        from glancefocus_runtime import ExportedModel
 
         self.folder = tempfile.TemporaryDirectory(prefix="gf-onnx-")
         self.manifest = export_onnx(model, self.folder.name, image_size=image_size)
@@ -162,7 +162,7 @@ class OnnxEngine:
         self.static = self._export_static(static_backbone, static_shape)
 
     def predictor(self, thresholds=None):
-        from glancefocus.runtime import ExportedPredictor
+        from glancefocus_runtime import ExportedPredictor
 
         return ExportedPredictor(self.model, thresholds=thresholds)
 

@@ -1,5 +1,5 @@
 """Does the exported model answer as PyTorch does? Per-step logits and early-exit answers of
-glancefocus.runtime (onnxruntime) against the PyTorch model, on the same images.
+glancefocus_runtime (onnxruntime) against the PyTorch model, on the same images.
 
     python benchmarks/onnx_parity.py [--model demo|resnet50|all] [--checkpoint CKPT]
                                      [--images 1000] [--threads N] [--json FILE]
@@ -39,7 +39,7 @@ from early_exit import (  # noqa: E402
 from glancefocus.atomic import write_json  # noqa: E402
 from glancefocus.export import export_onnx  # noqa: E402
 from glancefocus.predictor import Predictor  # noqa: E402
-from glancefocus.runtime import ExportedModel, ExportedPredictor  # noqa: E402
+from glancefocus_runtime import ExportedModel, ExportedPredictor  # noqa: E402
 
 BUDGET_RATIOS = (0.1, 0.25, 0.5, 1.0, 1.5)
 LOGIT_TOLERANCE = 1e-4

@@ -15,7 +15,7 @@ from glancefocus import crops  # noqa: E402
 from glancefocus.cli import main  # noqa: E402
 from glancefocus.export import ExportError, export_onnx  # noqa: E402
 from glancefocus.export.steps import FocusGraph, GlanceGraph, resize_matrix  # noqa: E402
-from glancefocus.runtime import ExportedModel, MissingDependencyError  # noqa: E402
+from glancefocus_runtime import ExportedModel, MissingDependencyError  # noqa: E402
 
 STATE = ("feature_map", "classifier_state", "policy_hidden")
 

@@ -20,7 +20,7 @@ from glancefocus.data import load_image as torch_load_image  # noqa: E402
 from glancefocus.data.folders import IMAGE_EXTENSIONS as FOLDER_EXTENSIONS  # noqa: E402
 from glancefocus.export import export_onnx  # noqa: E402
 from glancefocus.predictor import Predictor  # noqa: E402
-from glancefocus.runtime import (  # noqa: E402
+from glancefocus_runtime import (  # noqa: E402
     IMAGE_EXTENSIONS,
     BudgetAboveCurveWarning,
     BudgetOutOfRangeError,

@@ -21,7 +21,7 @@ import torch
 
 # the 'never exit' threshold and the budget rule live in a torch-free module that the ONNX
 # runtime shares (re-exported here)
-from .runtime.exit_rule import (  # noqa: F401
+from glancefocus_runtime.exit_rule import (  # noqa: F401
     BIG,
     BudgetAboveCurveWarning,
     BudgetOutOfRangeError,

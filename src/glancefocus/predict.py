@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from glancefocus_runtime.images import IMAGE_EXTENSIONS
+
 from .cli import HelpFormatter
-from .runtime.images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     import torch
 
-    from .runtime import ExportedPredictor
+    from glancefocus_runtime import ExportedPredictor
 
 GLOB_CHARACTERS = "*?["
 STEP_LEGEND = ("steps: how many steps ran; 1 = the glance (the whole input, shrunk) alone, "
@@ -341,7 +342,7 @@ def _run_checkpoint(args, paths, on_batch):
 
 def _run_exported(args, paths, on_batch):
     """--exported: the ONNX graphs on onnxruntime, without PyTorch."""
-    from .runtime import ExportedPredictor
+    from glancefocus_runtime import ExportedPredictor
 
     if args.trust_pickle:
         raise ValueError("--trust-pickle applies to --checkpoint only: an exported folder holds "

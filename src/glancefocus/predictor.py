@@ -14,8 +14,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from glancefocus_runtime.predictor import Prediction  # one answer type for both engines
+
 from . import exits
-from .runtime.predictor import Prediction  # one answer type for both engines
 
 NO_CURVE_HINT = ("the model has no calibrated exit curve (thresholds and MACs per budget); run "
                  "`glancefocus evaluate --checkpoint CKPT --out DIR` once and use DIR/model.pt, "

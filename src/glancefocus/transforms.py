@@ -19,12 +19,12 @@ from typing import Optional, Union
 import torch
 from PIL import Image
 
+# load_image's own mode conversion (transparency onto white, 16-bit scaled), for PIL input
+from glancefocus_runtime.images import InputGeometry, input_geometry
+from glancefocus_runtime.images import convert_image as convert_image_mode
+
 from .config import DataConfig, from_dict, to_dict
 from .data import build_transforms, load_image
-
-# load_image's own mode conversion (transparency onto white, 16-bit scaled), for PIL input
-from .runtime.images import InputGeometry, input_geometry
-from .runtime.images import convert_image as convert_image_mode
 
 
 def preset_data_section(arch: str) -> dict:

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from ..runtime.images import IMAGE_EXTENSIONS, ImageReadError, ImageTooSmallError
-from ..runtime.images import load_image as _read_image
+from glancefocus_runtime.images import IMAGE_EXTENSIONS, ImageReadError, ImageTooSmallError
+from glancefocus_runtime.images import load_image as _read_image
 
 log = logging.getLogger(__name__)
 

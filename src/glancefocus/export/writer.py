@@ -21,8 +21,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
-from ..runtime.onnx_deps import require_onnx
+from glancefocus_runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+from glancefocus_runtime.onnx_deps import require_onnx
+
 from .steps import STATE_NAMES, FocusGraph, GlanceGraph
 
 OPSET = 18

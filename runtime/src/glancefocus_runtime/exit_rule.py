@@ -80,11 +80,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def exits_now(confidences: np.ndarray, threshold: float, last_step: bool) -> np.ndarray:
-    """Which images exit at this step: confidence >= threshold in float64; all at the last."""
-    if last_step:
-        return np.ones(len(confidences), dtype=bool)
-    return np.asarray(confidences, dtype=np.float64) >= float(threshold)
+def exits_now(confidences: np.ndarray, threshold, last_step) -> np.ndarray:
+    """Which images exit at this step: confidence >= threshold in float64; all at the last.
+
+    threshold and last_step are one value for all images or one per image (images at different
+    steps, or with different budgets, share a batch in the server)."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    exits = confidences >= np.asarray(threshold, dtype=np.float64)
+    return np.broadcast_to(exits | np.asarray(last_step, dtype=bool), confidences.shape).copy()
 
 
 def as_thresholds(values: Sequence[float], steps: int) -> np.ndarray:

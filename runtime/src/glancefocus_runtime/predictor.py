@@ -16,6 +16,8 @@ from . import exit_rule
 from .images import ImageInput, Preprocess
 from .manifest import load_manifest
 from .onnx_deps import require_onnxruntime
+from .pool import ExitPool, Finished
+from .providers import check_session_providers, session_providers
 
 NO_CURVE_HINT = ("the exported model has no calibrated exit curve (manifest 'exit_curve' is "
                  "empty): run `glancefocus evaluate --checkpoint CKPT --out DIR`, export "
@@ -56,10 +58,13 @@ class ExitBatch:
 class ExportedModel:
     """The graphs and manifest of a folder written by `glancefocus export`.
 
-    threads: onnxruntime's intra-op threads (default: its own choice).
+    threads: onnxruntime's intra-op threads (default: its own choice). providers: onnxruntime's
+    execution providers in order of preference ('cuda', 'CUDAExecutionProvider', ...; default
+    CPU); one that is not available here is left out with a warning, and CPU is always last.
     """
 
-    def __init__(self, folder: Union[str, Path], threads: Optional[int] = None):
+    def __init__(self, folder: Union[str, Path], threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None):
         ort = require_onnxruntime()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
@@ -80,12 +85,14 @@ class ExportedModel:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        self.providers = session_providers(ort, providers)
         sessions = {}
         for entry in self.manifest["steps"]:
             name = entry["graph"]
             if name not in sessions:
                 sessions[name] = ort.InferenceSession(str(self.folder / name), options,
-                                                      providers=["CPUExecutionProvider"])
+                                                      providers=self.providers)
+        self.providers = check_session_providers(next(iter(sessions.values())), self.providers)
         self.steps = [sessions[entry["graph"]] for entry in self.manifest["steps"]]
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.steps]
 
@@ -126,59 +133,72 @@ class ExportedPredictor:
 
     def __init__(self, model: Union[ExportedModel, str, Path],
                  thresholds: Optional[Sequence[float]] = None, budget: Optional[float] = None,
-                 top_k: int = 1, threads: Optional[int] = None):
+                 top_k: int = 1, threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None):
         if thresholds is not None and budget is not None:
             raise ValueError("give a MACs budget or explicit thresholds, not both")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.model = model if isinstance(model, ExportedModel) else ExportedModel(model, threads)
+        self.model = (model if isinstance(model, ExportedModel)
+                      else ExportedModel(model, threads, providers))
         self.top_k = min(int(top_k), self.model.num_classes)
         self.budget_index = None
         if budget is not None:
-            curve = self.model.exit_curve
-            if not exit_rule.has_curve(curve):
-                raise ValueError(f"cannot run at a budget of {budget:.6g} MACs: {NO_CURVE_HINT}")
-            self.budget_index = exit_rule.budget_index(curve, float(budget))
-            thresholds = curve["thresholds"][self.budget_index]
+            self.budget_index = self._budget_index(budget)
+            thresholds = self.model.exit_curve["thresholds"][self.budget_index]
         if thresholds is None:
             thresholds = exit_rule.never_exit_thresholds(self.model.max_steps)
         self.thresholds = exit_rule.as_thresholds(thresholds, self.model.max_steps)
 
-    def run(self, images: np.ndarray) -> ExitBatch:
-        """Early-exit inference on preprocessed images [N, C, H, W]."""
+    def _budget_index(self, budget: float) -> int:
+        curve = self.model.exit_curve
+        if not exit_rule.has_curve(curve):
+            raise exit_rule.BudgetOutOfRangeError(
+                f"cannot run at a budget of {budget:.6g} MACs: {NO_CURVE_HINT}")
+        return exit_rule.budget_index(curve, float(budget))
+
+    def thresholds_for_budget(self, budget: Optional[float]) -> np.ndarray:
+        """[T] thresholds at a MACs budget (None: this predictor's own), by the exit rule."""
+        if budget is None:
+            return self.thresholds
+        thresholds = self.model.exit_curve["thresholds"][self._budget_index(budget)]
+        return exit_rule.as_thresholds(thresholds, self.model.max_steps)
+
+    def run(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> ExitBatch:
+        """Early-exit inference on preprocessed images [N, C, H, W]; thresholds: [N, T], one
+        row per image (default: the predictor's for all)."""
         model = self.model
         images = model.check_images(images)
         steps, n = model.max_steps, images.shape[0]
-        labels = np.zeros(n, dtype=np.int64)
-        confidences = np.zeros(n, dtype=np.float32)
-        exit_steps = np.zeros(n, dtype=np.int64)
-        boxes = np.full((n, steps, 4), -1, dtype=np.int64)
-        top_probabilities = np.zeros((n, self.top_k), dtype=np.float32)
-        top_labels = np.zeros((n, self.top_k), dtype=np.int64)
-        running = np.arange(n)
-        state = None
-        for step in range(1, steps + 1):
-            outputs = model.step(step, images, state)
-            conf, pred = exit_rule.softmax_confidences(outputs["logits"])
-            boxes[running, step - 1] = outputs["box"]
-            done = exit_rule.exits_now(conf, self.thresholds[step - 1], step == steps)
-            finished = running[done]
-            labels[finished], confidences[finished] = pred[done], conf[done]
-            exit_steps[finished] = step
-            if done.any():
-                probs, classes = _top_classes(outputs["logits"][done], self.top_k)
-                top_probabilities[finished], top_labels[finished] = probs, classes
-            if step == steps or done.all():
-                break
-            if done.any():  # the exited images leave the batch
-                keep = ~done
-                running, images = running[keep], np.ascontiguousarray(images[keep])
-                state = model.select(outputs, keep)
-            else:
-                state = {name: outputs[f"next_{name}"] for name in model.state_axis}
-        return ExitBatch(labels=labels, confidences=confidences, exit_steps=exit_steps,
-                         macs=model.step_macs[exit_steps - 1], boxes=boxes,
-                         top_probabilities=top_probabilities, top_labels=top_labels)
+        if thresholds is None:
+            thresholds = self.thresholds
+        elif np.shape(thresholds) != (n, steps):
+            raise ValueError(f"thresholds must be [{n}, {steps}] (one row per image), got "
+                             f"{list(np.shape(thresholds))}")
+        pool = ExitPool(model)
+        pool.add(images, thresholds, range(n))
+        finished = []
+        while len(pool):
+            finished += pool.advance()
+        return self.gather(finished, n)
+
+    def gather(self, finished: Sequence[Finished], n: int) -> ExitBatch:
+        """ExitPool's answers for images tagged 0..n-1, as arrays in that order."""
+        steps = self.model.max_steps
+        batch = ExitBatch(labels=np.zeros(n, dtype=np.int64),
+                          confidences=np.zeros(n, dtype=np.float32),
+                          exit_steps=np.zeros(n, dtype=np.int64), macs=np.zeros(n, dtype=np.int64),
+                          boxes=np.full((n, steps, 4), -1, dtype=np.int64),
+                          top_probabilities=np.zeros((n, self.top_k), dtype=np.float32),
+                          top_labels=np.zeros((n, self.top_k), dtype=np.int64))
+        for answer in finished:
+            i = answer.tag
+            batch.labels[i], batch.confidences[i] = answer.label, answer.confidence
+            batch.exit_steps[i], batch.macs[i] = answer.exit_step, answer.macs
+            batch.boxes[i, :answer.exit_step] = answer.boxes
+            batch.top_probabilities[i], batch.top_labels[i] = top_classes(answer.probabilities,
+                                                                          self.top_k)
+        return batch
 
     def predict(self, images: np.ndarray) -> list[Prediction]:
         """Early-exit inference on preprocessed images, one Prediction per image."""
@@ -206,10 +226,8 @@ def _name(names, label: int) -> Optional[str]:
     return names[label] if names and label < len(names) else None
 
 
-def _top_classes(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest float32 softmax probabilities and their classes, best first."""
-    probabilities = exit_rule.softmax(logits)
-    # a stable sort of the negated values: equal probabilities keep the lower class first
-    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+def top_classes(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest probabilities [..., K] and their classes, best first (equal ones keep the
+    lower class first)."""
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
     return np.take_along_axis(probabilities, order, axis=-1).astype(np.float32), order
-
