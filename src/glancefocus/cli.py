@@ -49,6 +49,7 @@ COMMAND_MODULES = {
     "glancefocus.predict": ("predict",),
     "glancefocus.export.command": ("export",),
     "glancefocus.demo": ("demo",),
+    "glancefocus.serve": ("serve",),
     "glancefocus.cli": ("macs", "convert", "presets"),  # below
 }
 

@@ -10,7 +10,7 @@ scaled to 8 bits, first frame of animations).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -31,17 +31,39 @@ class ImageTooSmallError(ValueError):
     """An image is smaller than the input size while small_images is 'error'."""
 
 
-def load_image(path: Union[str, Path], mode: str = "RGB") -> Image.Image:
-    """Open any image Pillow reads, fully decoded, in `mode` ('RGB' or 'L')."""
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than allowed (refused before decoding)."""
+
+
+def load_image(path: Union[str, Path, BinaryIO], mode: str = "RGB",
+               max_pixels: Optional[int] = None, name: Optional[str] = None) -> Image.Image:
+    """Open any image Pillow reads (a path or a binary file object), fully decoded, in `mode`
+    ('RGB' or 'L').
+
+    max_pixels: refuse (ImageTooLargeError) an image whose header declares more pixels, before
+    its pixels are decoded (a small file can declare a huge image). name: what messages call
+    the image (default: the path).
+    """
+    name = name or f"image file '{path}'"
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name} declares {width} x {height} pixels, more than the limit of "
+                    f"{max_pixels:,} pixels")
             img.load()  # the full decode now, so that truncation is caught here
             return convert_image(img, mode)
     except FileNotFoundError:
-        raise ImageReadError(f"image file '{path}' does not exist") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError,
-            Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot read image file '{path}': {type(exc).__name__}: {exc}") from None
+        raise ImageReadError(f"{name} does not exist") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(f"{name} is not an image file Pillow can identify") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name} is too large to decode: {exc}") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
+        if isinstance(exc, ImageReadError):
+            raise
+        raise ImageReadError(f"cannot read {name}: {type(exc).__name__}: {exc}") from None
 
 
 def convert_image(img: Image.Image, mode: str) -> Image.Image:

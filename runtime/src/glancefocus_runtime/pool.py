@@ -55,6 +55,14 @@ class ExitPool:
         self._wait(self.graph_of_step[0], rows)
         self.size += n
 
+    def batch_sizes(self) -> list[int]:
+        """The number of images each graph call of the next advance() will run."""
+        return [sum(len(rows["tags"]) for rows in parts) for parts in self.waiting.values()]
+
+    def tags(self) -> list:
+        """The tags of every image in flight."""
+        return [tag for parts in self.waiting.values() for rows in parts for tag in rows["tags"]]
+
     def advance(self) -> list[Finished]:
         """Run every image in flight through its next step (one call per graph): the images
         that exit are returned, the others wait for their next step."""
