@@ -14,7 +14,9 @@ def register(subparsers) -> None:
                     "onnx.checker and against PyTorch before it is kept. Run the result with "
                     "`glancefocus predict IMAGE... --exported OUT_DIR` (no PyTorch needed).",
         formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT", help="a glancefocus checkpoint (.pt)")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="a glancefocus checkpoint (.pt), or a static baseline's (the demo's "
+                        "static.pt: exported as a one-step model without exits)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the export format")
     p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
@@ -27,11 +29,19 @@ def register(subparsers) -> None:
 
 def _cmd_export(args) -> int:
     from ..checkpoint import load_checkpoint
+    from .static import export_static_onnx, is_static_checkpoint, load_static
     from .writer import export_onnx
 
-    model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-    manifest = export_onnx(model, args.out_dir, image_size=args.image_size,
-                           source=str(args.checkpoint))
+    static = is_static_checkpoint(args.checkpoint)
+    if static is not None:
+        backbone, model_config, data, names = load_static(static, f"'{args.checkpoint}'")
+        manifest = export_static_onnx(backbone, data, model_config.in_chans, args.out_dir,
+                                      model_config.arch, names, source=str(args.checkpoint),
+                                      image_size=args.image_size)
+    else:
+        model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+        manifest = export_onnx(model, args.out_dir, image_size=args.image_size,
+                               source=str(args.checkpoint))
     graphs = sorted({step["graph"] for step in manifest["steps"]})
     curve = "with" if manifest["exit_curve"] else "without"
     size = manifest["input"]

@@ -108,40 +108,43 @@ def _batch_axes(graph) -> dict:
     return axes
 
 
-def _export(graph, name: str, out: Path, example: tuple, size: int) -> str:
+def _export(graph, name: str, out: Path, example: tuple, size: int,
+            signature: Optional[tuple] = None, arch: Optional[str] = None) -> str:
     """Export `graph` to out/name: torch's current (dynamo) exporter first, the TorchScript
-    exporter when that one fails. Returns which one wrote it."""
+    exporter when that one fails. Returns which one wrote it. signature: (input names, output
+    names, batch axes), by default a GFNet step's."""
     target = out / name
     temporary = out / f".{name}.tmp"
     failures = []
     for exporter in ("dynamo", "torchscript"):
         try:
-            _run_exporter(graph, example, temporary, exporter)
+            _run_exporter(graph, example, temporary, exporter, signature)
             os.replace(temporary, target)
             return exporter
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next, then refuse
             failures.append(f"{exporter}: {type(exc).__name__}: {_first_line(exc)}")
         finally:
             temporary.unlink(missing_ok=True)
-    arch = graph.model.config.arch
+    arch = arch or graph.model.config.arch
     raise ExportError(f"cannot export the {name.removesuffix('.onnx')} step of model.arch "
                       f"'{arch}' to ONNX (opset {OPSET}, {size}x{size} input): "
                       + "; ".join(failures))
 
 
-def _run_exporter(graph, example: tuple, path: Path, exporter: str) -> None:
-    input_names, output_names = _input_names(graph), _output_names(graph)
+def _run_exporter(graph, example: tuple, path: Path, exporter: str,
+                  signature: Optional[tuple] = None) -> None:
+    input_names, output_names, axes = signature or (_input_names(graph), _output_names(graph),
+                                                    _batch_axes(graph))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracing notes
         if exporter == "dynamo":
             torch.onnx.export(graph, example, str(path), dynamo=True, external_data=False,
                               opset_version=OPSET, input_names=input_names,
-                              output_names=output_names, dynamic_axes=_batch_axes(graph),
-                              verbose=False)
+                              output_names=output_names, dynamic_axes=axes, verbose=False)
         else:
             torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=OPSET,
                               input_names=input_names, output_names=output_names,
-                              dynamic_axes=_batch_axes(graph), do_constant_folding=True)
+                              dynamic_axes=axes, do_constant_folding=True)
 
 
 def _first_line(exc: Exception) -> str:
