@@ -50,3 +50,33 @@ def torchrun_train():
         return output
 
     return run
+
+
+def calibrated_demo(n_calibration=96):
+    """The demo model with an exit curve calibrated on its own outputs for random canvases."""
+    import glancefocus as gf
+    from glancefocus import exits
+
+    torch.manual_seed(0)
+    model = gf.create_model("demo", num_classes=10).eval()
+    images = torch.randn(n_calibration, 1, 100, 100)
+    with torch.inference_mode():
+        conf, pred = exits.confidences_from_logits(model(images).logits)
+    labels = torch.zeros(n_calibration, dtype=torch.long)
+    model.exit_curve = exits.budgeted_curve(conf, conf, pred, labels, model.macs()["per_step"])
+    model.class_names = [f"class-{i}" for i in range(10)]
+    return model
+
+
+@pytest.fixture(scope="session")
+def exported_demo(tmp_path_factory):
+    """(model, folder): calibrated_demo() exported to ONNX once for the session (the runtime's
+    and the server's tests share it: an export takes several seconds)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from glancefocus.export import export_onnx
+
+    model = calibrated_demo()
+    folder = tmp_path_factory.mktemp("exported-demo")
+    export_onnx(model, folder)
+    return model, folder

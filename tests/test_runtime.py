@@ -34,25 +34,9 @@ from glancefocus_runtime import (  # noqa: E402
 BLOCK_TORCH = ("import sys; sys.modules.update(torch=None, torchvision=None, timm=None); ")
 
 
-def calibrated_demo(n_calibration=96):
-    """The demo model with an exit curve calibrated on its own outputs for random canvases."""
-    torch.manual_seed(0)
-    model = gf.create_model("demo", num_classes=10).eval()
-    images = torch.randn(n_calibration, 1, 100, 100)
-    with torch.inference_mode():
-        conf, pred = exits.confidences_from_logits(model(images).logits)
-    labels = torch.zeros(n_calibration, dtype=torch.long)
-    model.exit_curve = exits.budgeted_curve(conf, conf, pred, labels, model.macs()["per_step"])
-    model.class_names = [f"class-{i}" for i in range(10)]
-    return model
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = calibrated_demo()
-    folder = tmp_path_factory.mktemp("exported")
-    export_onnx(model, folder)
-    return model, folder
+def exported(exported_demo):
+    return exported_demo
 
 
 def test_exit_rule_is_shared():

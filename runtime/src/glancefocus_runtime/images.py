@@ -59,7 +59,8 @@ def load_image(path: Union[str, Path, BinaryIO], mode: str = "RGB",
     except Image.UnidentifiedImageError:
         raise ImageReadError(f"{name} is not an image file Pillow can identify") from None
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name} is too large to decode: {exc}") from None
+        # Pillow's own guard, at open (from the header, before decoding)
+        raise ImageTooLargeError(f"{name} declares an image too large to decode: {exc}") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
         if isinstance(exc, ImageReadError):
             raise

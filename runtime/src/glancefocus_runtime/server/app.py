@@ -231,6 +231,14 @@ async def image_bytes(request: Request, limit: int) -> bytes:
 
 async def predict(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
+    service.metrics.in_flight.inc()
+    try:
+        return await _predict(request, service)
+    finally:
+        service.metrics.in_flight.dec()
+
+
+async def _predict(request: Request, service: "Service") -> JSONResponse:
     started = time.perf_counter()
     budget = parse_budget(request.query_params.get("budget"))
     top_k = parse_top_k(request.query_params.get("top_k"), service.model.num_classes)

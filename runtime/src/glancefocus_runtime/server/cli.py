@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "refused before decoding)")
     p.add_argument("--timeout-s", type=float, default=30.0, metavar="S",
                    help="per-request timeout, from arrival to answer (503 after it)")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                   help="uvicorn's HTTP parser (auto: httptools when installed, else h11)")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="uvicorn's event loop (auto: uvloop when installed, else asyncio)")
     p.add_argument("--access-log", action="store_true",
                    help="log every request (uvicorn's access log; off: it costs throughput)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -81,7 +85,8 @@ def serve(args: argparse.Namespace) -> int:
     else:
         app, factory = create_app(config), False
     uvicorn.run(app, factory=factory, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=args.timeout_s + 5)
+                log_level=args.log_level, access_log=args.access_log, http=args.http, loop=args.loop,
+                timeout_graceful_shutdown=args.timeout_s + 5)
     return 0
 
 

@@ -28,6 +28,9 @@ class ServerMetrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.exits = Counter("glancefocus_exits", "Images that left at each step (1 = the glance)",
                              ["step"], registry=self.registry)
+        self.in_flight = Gauge("glancefocus_requests_in_flight",
+                               "Prediction requests received and not yet answered",
+                               registry=self.registry)
         self.images = Counter("glancefocus_images", "Images classified", registry=self.registry)
         self.rate = Gauge("glancefocus_images_per_second",
                           f"Images classified per second over the last {RATE_WINDOW_S:g} s",
