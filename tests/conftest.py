@@ -53,13 +53,14 @@ def torchrun_train():
 
 
 def calibrated_demo(n_calibration=96):
-    """The demo model with an exit curve calibrated on its own outputs for random canvases."""
-    import glancefocus as gf
+    """A demo model with spread confidences (engine_parity.spread_demo) and an exit curve
+    calibrated on its own outputs for images of varied brightness and contrast."""
+    from engine_parity import spread_demo, varied_images
+
     from glancefocus import exits
 
-    torch.manual_seed(0)
-    model = gf.create_model("demo", num_classes=10).eval()
-    images = torch.randn(n_calibration, 1, 100, 100)
+    model = spread_demo()
+    images = varied_images(n_calibration, seed=0, side=100)
     with torch.inference_mode():
         conf, pred = exits.confidences_from_logits(model(images).logits)
     labels = torch.zeros(n_calibration, dtype=torch.long)

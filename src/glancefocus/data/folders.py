@@ -48,7 +48,7 @@ class BadFilesError(DatasetError):
 
 
 # ----------------------------------------------------------------------------------------------
-# reading one image (written once, without torch, in glancefocus.runtime.images)
+# reading one image (written once, without torch, in glancefocus_runtime.images)
 
 def load_image(path, channels: int = 3) -> Image.Image:
     """Open any image Pillow reads, fully decoded, as 'RGB' (channels=3) or 'L' (channels=1).

@@ -1,5 +1,5 @@
 """`glancefocus export CKPT OUT_DIR --format onnx`: the step graphs and manifest.json for the
-early-exit runtime (glancefocus.runtime, `glancefocus predict --exported OUT_DIR`)."""
+early-exit runtime (glancefocus_runtime, `glancefocus predict --exported OUT_DIR`)."""
 from __future__ import annotations
 
 from ..cli import HelpFormatter

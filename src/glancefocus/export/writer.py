@@ -1,7 +1,7 @@
 """Export a GFNet to ONNX: one static graph per step (dynamic batch axis) and manifest.json.
 
 The early-exit loop (threshold test, dropping exited images, the next step) stays outside the
-graphs, in `glancefocus.runtime`. A recurrent classifier needs two graphs (glance.onnx, and
+graphs, in `glancefocus_runtime`. A recurrent classifier needs two graphs (glance.onnx, and
 focus.onnx shared by steps 2..T); a cascaded one a graph per focus step, since each step has its
 own linear head and a longer state.
 
