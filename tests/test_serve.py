@@ -304,3 +304,26 @@ def test_sigterm_answers_requests_in_flight_then_exits(exported_demo, images):
     assert "Application shutdown complete" in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_providers_fall_back_to_cpu_with_a_warning():
+    import onnxruntime as ort
+
+    from glancefocus_runtime import ProviderFallbackWarning
+    from glancefocus_runtime.providers import check_session_providers, session_providers
+
+    available = ort.get_available_providers()
+    assert session_providers(ort, None) == ["CPUExecutionProvider"]
+    assert session_providers(ort, ["cpu"]) == ["CPUExecutionProvider"]
+    missing = "MIGraphXExecutionProvider"
+    assert missing not in available
+    with pytest.warns(ProviderFallbackWarning, match="MIGraphXExecutionProvider.*not available"):
+        assert session_providers(ort, ["migraphx"]) == ["CPUExecutionProvider"]
+
+    class Session:  # a provider onnxruntime accepted but could not start (e.g. CUDA libraries)
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.warns(ProviderFallbackWarning, match="could not start"):
+        assert check_session_providers(Session(), ["CUDAExecutionProvider", "CPUExecutionProvider"]) \
+            == ["CPUExecutionProvider"]
