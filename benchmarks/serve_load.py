@@ -6,7 +6,7 @@ requests, and report throughput, latency percentiles, mean batch size, exits per
     python benchmarks/serve_load.py EXPORTED_DIR --images DIR [--clients 32] [--duration 20]
         [--budget-q 0.25 0.5 | --budget MACS ...] [--max-batch 64] [--max-wait-ms 5]
         [--schedule continuous|fixed] [--threads 2] [--rate R] [--bad-every K] [--check]
-        [--offline-batch 32] [--json FILE]
+        [--offline-batch 32] [--rounds K] [--json FILE]
 
 One server per invocation (its options: --max-batch, --max-wait-ms, --schedule, --threads); one
 run per budget (?budget= on the requests; --budget-q picks the calibrated curve's budget of that
@@ -18,7 +18,8 @@ loop, at most --clients in flight), for latency at a given load.
 header, over the body limit, a bad budget, an unknown route, in turn), each must get a 4xx;
 --check: every good answer must equal ExportedPredictor's on the same file at the same budget
 (label and exit step; confidence within 1e-5), counted in "wrong". The server's resident memory
-(VmRSS) is read at the start, after the first warm-up and at the end. --offline-batch B also times ExportedPredictor on the same
+(VmRSS) is read at the start, after the first warm-up and after each run (--rounds K repeats
+each budget's run K times on the same server: whether memory levels off). --offline-batch B also times ExportedPredictor on the same
 files at batch B, decoding included (images per second), for comparison.
 
 The server and the clients share the machine: client CPU seconds and server CPU seconds are
@@ -287,6 +288,8 @@ def main(argv=None) -> dict:
     p.add_argument("--bad-every", type=int, default=0)
     p.add_argument("--check", action="store_true")
     p.add_argument("--offline-batch", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs per budget on the same server (memory read after each)")
     p.add_argument("--json", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -302,7 +305,8 @@ def main(argv=None) -> dict:
               "load_average_before": os.getloadavg(), "runs": []}
     try:
         rss_start = resident_mb(server.pid)
-        for q, budget in budget_list(args.exported_dir, args):
+        for q, budget in [b for b in budget_list(args.exported_dir, args)
+                          for _ in range(args.rounds)]:
             expected = (expected_answers(args.exported_dir, images, budget, args.threads)
                         if args.check else None)
             if args.warmup:
@@ -331,6 +335,7 @@ def main(argv=None) -> dict:
                            bad_not_4xx=stats["bad_not_4xx"])
             if expected is not None:
                 run["wrong"] = stats["wrong"]
+            run["server_rss_mb"] = resident_mb(server.pid)
             if args.offline_batch:
                 run["offline_images_per_second"] = offline_images_per_second(
                     args.exported_dir, images, args.offline_batch, budget, args.threads)
