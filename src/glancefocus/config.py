@@ -108,6 +108,10 @@ class StageConfig:
     (logged, the same at every update) and this term changes no gradient."""
     updates: int = 0
     """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+    kl_every: int = 10
+    """Stage 2: log approx_kl and clip_fraction (how far an update moved the policy, which
+    takes one more pass of the policy over the rollout) every this many updates, from the
+    first; the other statistics are logged at every update. 1: at every update."""
     policy_logit_limit: Optional[float] = None
     """Stage 2 and the one-stage recipe: keep the policy's mean locations where its sigmoid
     still moves, with a penalty in PPO's loss on mean logits beyond +-this (3: 0.047-0.953 of
