@@ -52,6 +52,19 @@ class DemoCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def demo_vit(num_classes: int = 10, in_chans: int = 1, **kwargs) -> nn.Module:
+    """A small ViT for the cluttered-MNIST demo, built with timm's VisionTransformer: 4 x 4
+    pixel patches, width 64, 3 blocks of 4 heads, a class token (32 x 32 inputs: an 8 x 8
+    grid of patch tokens, 11.27 M MACs with attention)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    settings = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
+    return VisionTransformer(num_classes=num_classes, in_chans=in_chans, **{**settings, **kwargs})
+
+
+DEMO_NETWORKS = {"demo_cnn": DemoCNN, "demo_vit": demo_vit}
+
+
 def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
                     pretrained_tag: Optional[str] = None, input_size: Optional[int] = None,
                     **kwargs) -> nn.Module:
@@ -65,10 +78,10 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
     local file, or False. The result's `pretrained_head` says whether its linear head holds
     pretrained weights for these classes (a head for another class count is freshly initialised).
     """
-    if arch == "demo_cnn":
-        net = DemoCNN(num_classes=num_classes, in_chans=in_chans)
+    if arch in DEMO_NETWORKS:
         if pretrained is True:
-            raise ValueError("model.pretrained=True: the demo_cnn has no published weights")
+            raise ValueError(f"model.pretrained=True: the {arch} has no published weights")
+        net = DEMO_NETWORKS[arch](num_classes=num_classes, in_chans=in_chans, **kwargs)
         head_loaded = False
     else:
         import timm
@@ -87,7 +100,8 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
                                     num_classes=num_classes, in_chans=in_chans, **kwargs)
         else:
             if not timm.is_model(arch):
-                raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor 'demo_cnn' "
+                raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor one of "
+                                 f"{sorted(DEMO_NETWORKS)} "
                                  "(see timm.list_models())")
             name = f"{arch}.{pretrained_tag}" if timm_pretrained and pretrained_tag else arch
             net = _timm_backbone(name, timm_pretrained, num_classes, in_chans, kwargs)
@@ -106,6 +120,12 @@ def _fit_input_size(net: nn.Module, arch: str, size: int) -> None:
     fixed = getattr(patch_embed, "img_size", None)
     if fixed is None or not hasattr(net, "set_input_size") or getattr(net, "dynamic_img_size", False):
         return
+    patch = tuple(getattr(patch_embed, "patch_size", (1, 1)))
+    if size % patch[0] or size % patch[1]:
+        # timm would floor the grid and leave the last rows and columns of every view unseen
+        raise ValueError(f"model.arch '{arch}': its {patch[0]}x{patch[1]} patches do not tile a "
+                         f"{size}x{size} input (model.patch_size, or the image size of a static "
+                         "network): choose a multiple of the patch size")
     if tuple(fixed) != (size, size):
         try:
             net.set_input_size(img_size=(size, size))
