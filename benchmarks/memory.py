@@ -153,15 +153,17 @@ def stage2_activations(model, images, labels, runtime, stage_config) -> dict:
     runs outside autocast, and the rollout keeps its states in float32)."""
     generator = torch.Generator().manual_seed(0)
     rollout = collect_rollout(model, images, labels, runtime, generator)
-    kept = tensor_bytes([rollout.states, rollout.actions, rollout.log_probs, rollout.values,
-                         rollout.true_probs, rollout.correct])
     returns = normalise(discounted_returns(rollout.rewards, stage_config.gamma))
     ppo_loss = PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
                        stage_config.entropy_coef)
     # the rollout's states are counted above; the update's saved views of them are not new
     counter = SavedTensorCounter(excluded=[*model.parameters(), rollout.states])
     with counter.hooks():
-        loss, _ = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
+        # the first pass evaluates the rollout (its log-probabilities, values and means kept)
+        loss, _, evaluation = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
+    rollout.set_evaluation(evaluation)
+    kept = tensor_bytes([rollout.states, rollout.actions, rollout.log_probs, rollout.values,
+                         rollout.true_probs, rollout.correct])
     del loss
     return {"saved": kept + counter.total, "recompute": 0}
 
@@ -285,7 +287,7 @@ def _cuda_step(stage: int, model, config, runtime, images, labels, micro: int):
             rollout = collect_rollout(model, images, labels, runtime, generator, micro)
             returns = normalise(discounted_returns(rollout.rewards, stage_config.gamma))
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
+            loss, _, _ = ppo_loss(rollout.states, rollout.actions, rollout.log_probs, returns)
             loss.backward()
             optimizer.step()
         return policy_step

@@ -101,11 +101,15 @@ def stage2_step(config, runtime, model, images, labels) -> Callable[[], None]:
                        stage_config.entropy_coef)
     guard = NonFiniteGuard(config.train.max_nonfinite)
     generator = runtime.generator(config.train.seed, 2)
+    updates = 0
 
     def step() -> None:
+        nonlocal updates
         rollout = collect_rollout(model, images, labels, runtime, generator,
                                   config.train.micro_batch)
-        ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, guard, where="benchmark")
+        ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, guard, where="benchmark",
+                   movement=updates % max(stage_config.kl_every, 1) == 0)
+        updates += 1
 
     return step
 

@@ -168,3 +168,13 @@ def test_export_command_and_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'glancefocus\[onnx\]'"):
         export_onnx(model, tmp_path / "o3")
+
+
+def test_tiny_vit_exports_with_parity(tmp_path):
+    """A ViT encoder (attention, patch tokens as the policy's map) exports and runs on
+    onnxruntime within the CNNs' tolerance."""
+    torch.manual_seed(0)
+    model = gf.create_model("demo_vit", num_classes=10, max_steps=2, policy_hidden=32,
+                            classifier_hidden=32, encoder_kwargs=dict(depth=1)).eval()
+    export_onnx(model, tmp_path)
+    assert_step_parity(model, ExportedModel(tmp_path), torch.randn(3, 1, 100, 100))

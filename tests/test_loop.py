@@ -162,3 +162,26 @@ def test_a_stand_in_batch_adds_nothing(tmp_path, monkeypatch):
     for key, value in model.state_dict().items():
         assert torch.equal(before[key], value), key  # no gradient, no BatchNorm statistics
     assert metrics["loss"] == 0.0 and metrics["skipped_nonfinite"] == 0
+
+
+def test_stage2_rollout_is_evaluated_by_ppos_first_pass_as_before_it(tmp_path):
+    """The rollout leaves its evaluation to PPO's first pass, which gives the collecting
+    policy's log-probabilities and values to the bit (as a pass before the update did)."""
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    model = GlanceFocusNet(config.model).eval()
+    model.requires_grad_(False)
+    model.policy.requires_grad_(True)
+    images, labels = torch.randn(6, 1, 48, 48), torch.randint(0, 10, (6,))
+    rollout = collect_rollout(model, images, labels, CPU, torch.Generator().manual_seed(1))
+    assert rollout.log_probs is None
+    with torch.no_grad():
+        before = model.policy.evaluate(rollout.states, rollout.actions)
+    stage = config.train.stage2
+    loss = PPOLoss(model.policy, stage.ppo_clip, stage.value_coef, stage.entropy_coef)
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=stage.ppo_lr)
+    stats = ppo_update(loss, optimizer, rollout, stage, CPU, NonFiniteGuard(0), where="test",
+                       movement=False)
+    assert torch.equal(rollout.log_probs, before.log_probs)
+    assert torch.equal(rollout.values, before.values)
+    assert "approx_kl" not in stats and "explained_variance" in stats

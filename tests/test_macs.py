@@ -67,3 +67,81 @@ def test_demo_encoder_macs_match_a_hand_count(patch, steps, classes, hidden):
     assert table["policy"] == 128 * 32 * h * w + 32 * h * w * hidden + gru(hidden) + 2 * hidden
     assert table["per_step"] == [k * table["encoder"] + (k - 1) * table["policy"] + k * table["classifier"]
                                  for k in range(1, steps + 1)]
+
+
+TIMM_FAMILIES = [  # (arch, P, timm kwargs): tiny variants, small inputs, random weights
+    ("resnet18", 64, {}),
+    ("efficientnet_b0", 64, {}),
+    ("mobilenetv3_small_050", 64, {}),
+    ("regnetx_002", 64, {}),
+    ("convnext_atto", 64, {}),  # Linear block MLPs, which a convolution-only count misses
+    ("deit_tiny_patch16_224", 64, dict(depth=2)),  # attention and Linear layers
+    ("swin_tiny_patch4_window7_224", 224, dict(embed_dim=24, depths=(1, 1, 1, 1),
+                                               num_heads=(1, 1, 2, 2))),
+]
+
+
+@pytest.mark.parametrize("arch,patch,kwargs", TIMM_FAMILIES, ids=[f[0] for f in TIMM_FAMILIES])
+def test_encoder_macs_agree_with_flop_counter_mode(arch, patch, kwargs):
+    """Every family's count is within 2 % of FlopCounterMode's FLOPs / 2 on the same encoder,
+    measured with attention as explicit matrix products (which FlopCounterMode counts on CPU
+    too; the fused CPU kernel ours counts by the same formula is not in its registry)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from glancefocus.encoder import Encoder, create_backbone
+    from glancefocus.macs import encoder_macs
+
+    torch.manual_seed(0)
+    encoder = Encoder(create_backbone(arch, num_classes=10, in_chans=3, pretrained=False,
+                                      input_size=patch, **kwargs))
+    ours = encoder_macs(encoder, (3, patch, patch))
+    for module in encoder.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder.eval()(torch.zeros(1, 3, patch, patch))
+    reference = counter.get_total_flops() // 2
+    assert reference > 0
+    assert abs(ours - reference) <= 0.02 * reference, (ours, reference)
+
+
+def test_an_encoder_with_uncounted_work_is_refused():
+    """An FFT mixing step (as in global-filter networks) is not counted by FlopCounterMode: the
+    count is refused, naming the operation, rather than reported too low."""
+    import torch
+    from torch import nn
+
+    from glancefocus.encoder import Encoder
+    from glancefocus.macs import encoder_macs
+
+    class FourierMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward_features(self, x):
+            return torch.fft.irfft2(torch.fft.rfft2(self.conv(x)), s=x.shape[-2:])
+
+        def forward_head(self, x, pre_logits=False):
+            x = x.mean((2, 3))
+            return x if pre_logits else self.fc(x)
+
+        def get_classifier(self):
+            return self.fc
+
+    with pytest.raises(ValueError, match="fft"):
+        encoder_macs(Encoder(FourierMixer()), (3, 16, 16), "fourier mixer")
+
+
+def test_a_vit_counts_its_attention():
+    """deit_tiny (3 blocks) at P 96: the patch embedding, the Linear layers and both attention products
+    of every block, counted by hand."""
+    model = create_model("deit_tiny_patch16_224", num_classes=10, patch_size=96, max_steps=2,
+                         encoder_kwargs=dict(depth=3))
+    tokens, dim, hidden, depth = 6 * 6 + 1, 192, 768, 3
+    patch_embed = 36 * 3 * 16 * 16 * dim
+    block = tokens * (dim * 3 * dim + dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
+    assert model.macs()["encoder"] == patch_embed + depth * block
+    assert model.state_shape == (dim, 6, 6)

@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    """timm model name (any CNN) or 'demo_cnn', the small encoder of the built-in demo."""
+    """timm model name (a CNN, or a ViT/Swin whose patch size divides patch_size), or
+    'demo_cnn' / 'demo_vit', the small encoders of the built-in demo."""
     num_classes: Optional[int] = None
     """Classes to predict; unset, training reads it from the data (the number of class folders)."""
     patch_size: int = 96
@@ -94,6 +95,14 @@ class StageConfig:
     classifier_lr: float = 0.1
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    optimizer: str = "sgd"
+    """Stages 1 and 3, the one-stage recipe and the static baseline: 'sgd' (the authors':
+    Nesterov SGD with `momentum`) or 'adamw' (for vision transformers; weight decay on
+    weights of two or more dimensions only, not on biases and norms)."""
+    warmup_epochs: int = 0
+    """Epochs of linear learning-rate warm-up (epoch e of w at (e + 1) / w of the base rate)
+    before the cosine decay over the remaining epochs; 0: cosine from the first epoch, as
+    the authors."""
     dsn_ratio: float = 1.0
     train_glance_encoder: bool = True
     # PPO (stage 2)
@@ -108,6 +117,10 @@ class StageConfig:
     (logged, the same at every update) and this term changes no gradient."""
     updates: int = 0
     """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+    kl_every: int = 10
+    """Stage 2: log approx_kl and clip_fraction (how far an update moved the policy, which
+    takes one more pass of the policy over the rollout) every this many updates, from the
+    first; the other statistics are logged at every update. 1: at every update."""
     policy_logit_limit: Optional[float] = None
     """Stage 2 and the one-stage recipe: keep the policy's mean locations where its sigmoid
     still moves, with a penalty in PPO's loss on mean logits beyond +-this (3: 0.047-0.953 of

@@ -1,8 +1,11 @@
-"""Encoders: any timm CNN (or the demo's small CNN) seen through one interface.
+"""Encoders: any timm CNN or vision transformer (or the demo's small CNN) seen through one
+interface.
 
 `Encoder(x)` returns the pooled feature vector and the last spatial feature map; `Encoder.head`
 is the network's own linear classifier (used for deep supervision and, in cascaded models and
-the authors' RegNets, for the glance's prediction).
+the authors' RegNets, for the glance's prediction). A transformer's patch tokens become that
+map (its row-major grid of tokens, the class and register tokens left out) and its pooled
+feature is what its own head reads (the class token, or the mean of the tokens).
 """
 from __future__ import annotations
 
@@ -49,18 +52,36 @@ class DemoCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def demo_vit(num_classes: int = 10, in_chans: int = 1, **kwargs) -> nn.Module:
+    """A small ViT for the cluttered-MNIST demo, built with timm's VisionTransformer: 4 x 4
+    pixel patches, width 64, 3 blocks of 4 heads, a class token (32 x 32 inputs: an 8 x 8
+    grid of patch tokens, 11.27 M MACs with attention)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    settings = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
+    return VisionTransformer(num_classes=num_classes, in_chans=in_chans, **{**settings, **kwargs})
+
+
+DEMO_NETWORKS = {"demo_cnn": DemoCNN, "demo_vit": demo_vit}
+
+
 def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
-                    pretrained_tag: Optional[str] = None, **kwargs) -> nn.Module:
-    """Build the CNN `arch` with a `num_classes` linear head; load weights as asked.
+                    pretrained_tag: Optional[str] = None, input_size: Optional[int] = None,
+                    **kwargs) -> nn.Module:
+    """Build the network `arch` with a `num_classes` linear head; load weights as asked.
+
+    input_size: the side of the square inputs it will see; a network built for one input size
+    (a ViT's position embeddings, a Swin's windows) is set to it, after its weights are loaded
+    (timm resamples pretrained position embeddings to the new grid). CNNs take any size as they are.
 
     pretrained: True (timm's ImageNet weights, of `arch.pretrained_tag` when a tag is given), a
     local file, or False. The result's `pretrained_head` says whether its linear head holds
     pretrained weights for these classes (a head for another class count is freshly initialised).
     """
-    if arch == "demo_cnn":
-        net = DemoCNN(num_classes=num_classes, in_chans=in_chans)
+    if arch in DEMO_NETWORKS:
         if pretrained is True:
-            raise ValueError("model.pretrained=True: the demo_cnn has no published weights")
+            raise ValueError(f"model.pretrained=True: the {arch} has no published weights")
+        net = DEMO_NETWORKS[arch](num_classes=num_classes, in_chans=in_chans, **kwargs)
         head_loaded = False
     else:
         import timm
@@ -79,15 +100,38 @@ def create_backbone(arch: str, num_classes: int, in_chans: int, pretrained,
                                     num_classes=num_classes, in_chans=in_chans, **kwargs)
         else:
             if not timm.is_model(arch):
-                raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor 'demo_cnn' "
+                raise ValueError(f"unknown model.arch '{arch}': not a timm model name nor one of "
+                                 f"{sorted(DEMO_NETWORKS)} "
                                  "(see timm.list_models())")
             name = f"{arch}.{pretrained_tag}" if timm_pretrained and pretrained_tag else arch
             net = _timm_backbone(name, timm_pretrained, num_classes, in_chans, kwargs)
         head_loaded = timm_pretrained and num_classes == net.pretrained_cfg.get("num_classes")
     if isinstance(pretrained, str):
         head_loaded = load_backbone_weights(net, pretrained)
+    if input_size is not None:
+        _fit_input_size(net, arch, input_size)
     net.pretrained_head = bool(head_loaded)
     return net
+
+
+def _fit_input_size(net: nn.Module, arch: str, size: int) -> None:
+    """Set a network built for one input size (timm's set_input_size) to size x size."""
+    patch_embed = getattr(net, "patch_embed", None)
+    fixed = getattr(patch_embed, "img_size", None)
+    if fixed is None or not hasattr(net, "set_input_size") or getattr(net, "dynamic_img_size", False):
+        return
+    patch = tuple(getattr(patch_embed, "patch_size", (1, 1)))
+    if size % patch[0] or size % patch[1]:
+        # timm would floor the grid and leave the last rows and columns of every view unseen
+        raise ValueError(f"model.arch '{arch}': its {patch[0]}x{patch[1]} patches do not tile a "
+                         f"{size}x{size} input (model.patch_size, or the image size of a static "
+                         "network): choose a multiple of the patch size")
+    if tuple(fixed) != (size, size):
+        try:
+            net.set_input_size(img_size=(size, size))
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"model.arch '{arch}' cannot be set to {size}x{size} inputs "
+                             f"(model.patch_size): {str(exc).splitlines()[0]}") from None
 
 
 def _timm_backbone(name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict):
@@ -186,8 +230,32 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            fmap = checkpoint(self.backbone.forward_features, x, use_reentrant=False)
+            features = checkpoint(self.backbone.forward_features, x, use_reentrant=False)
         else:
-            fmap = self.backbone.forward_features(x)
-        pooled = self.backbone.forward_head(fmap, pre_logits=True)
-        return pooled, fmap.detach()
+            features = self.backbone.forward_features(x)
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        return pooled, self.spatial_map(features, x).detach()
+
+    def spatial_map(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The features as a [B, C, h, w] map: a CNN's as they are, a channels-last map
+        (Swin's) permuted, a transformer's tokens [B, N, D] as their grid of patches."""
+        if features.dim() == 3:
+            prefix = getattr(self.backbone, "num_prefix_tokens", 0)
+            patches = features[:, prefix:]
+            height, width = self._token_grid(x)
+            if height * width != patches.shape[1]:
+                raise ValueError(f"the encoder's {patches.shape[1]} patch tokens do not form its "
+                                 f"{height}x{width} grid")
+            return patches.transpose(1, 2).reshape(features.shape[0], -1, height, width)
+        if getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":
+            return features.permute(0, 3, 1, 2)
+        return features
+
+    def _token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        if patch_embed is None:
+            raise ValueError(f"a token encoder ({type(self.backbone).__name__}) without a "
+                             "patch_embed: its tokens cannot be arranged as a map")
+        if getattr(self.backbone, "dynamic_img_size", False):
+            return tuple(patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+        return tuple(patch_embed.grid_size)

@@ -14,6 +14,7 @@ from . import crops
 from .classifier import CascadedClassifier, RecurrentClassifier
 from .config import ModelConfig
 from .encoder import Encoder, create_backbone
+from .macs import encoder_macs
 from .policy import PatchPolicy, PolicyOutput
 
 
@@ -67,7 +68,8 @@ class GlanceFocusNet(nn.Module):
         self.exit_curve: Optional[dict] = None   # calibrated thresholds per budget (see exits.py)
         self.metrics: dict = {}
         build = dict(num_classes=config.num_classes, in_chans=config.in_chans,
-                     pretrained_tag=config.pretrained_tag, **config.encoder_kwargs)
+                     pretrained_tag=config.pretrained_tag, input_size=config.patch_size,
+                     **config.encoder_kwargs)
         glance_weights = config.pretrained if config.pretrained_glance is None else config.pretrained_glance
         self.glance_encoder = Encoder(create_backbone(config.arch, pretrained=glance_weights, **build))
         self.focus_encoder = Encoder(create_backbone(config.arch, pretrained=config.pretrained, **build))
@@ -75,6 +77,9 @@ class GlanceFocusNet(nn.Module):
         # glance encoder keeps such a head frozen, and trains a new one (see train/optim.py)
         self.pretrained_glance_head = self.glance_encoder.backbone.pretrained_head
         feature_dim, state_shape = self._probe_shapes()
+        # counted once here: an encoder whose cost cannot all be counted is refused at once
+        self.encoder_macs = encoder_macs(self.glance_encoder, (config.in_chans,) + (config.patch_size,) * 2,
+                                         f"model.arch '{config.arch}'")
         self.feature_dim = feature_dim
         self.state_shape = state_shape
         if config.classifier == "recurrent":
@@ -91,12 +96,13 @@ class GlanceFocusNet(nn.Module):
         was_training = encoder.training
         encoder.eval()
         p = self.config.patch_size
-        needs_cnn = ("GFNet's encoders must be CNNs, convolutional networks with a spatial feature "
-                     "map that take any input size (e.g. resnet50, densenet121, "
-                     "mobilenetv3_large_100, efficientnet_b2, regnety_016)")
+        needs_cnn = ("GFNet's encoders must give a spatial feature map at P x P: CNNs (e.g. "
+                     "resnet50, densenet121, mobilenetv3_large_100, efficientnet_b2, regnety_016) "
+                     "or vision transformers whose patch size divides P (e.g. deit_small_patch16_224 "
+                     "at P 112)")
         try:
             pooled, fmap = encoder(torch.zeros(1, self.config.in_chans, p, p))
-        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. a ViT's fixed input size
+        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. P not a multiple of a ViT's patch
             raise ValueError(f"model.arch '{self.config.arch}' cannot encode a {p}x{p} patch "
                              f"({str(exc).splitlines()[0]}): {needs_cnn}") from None
         finally:

@@ -63,8 +63,9 @@ class GlanceGraph(nn.Module):
         if (self.height, self.width) != (model.config.patch_size,) * 2:
             view = torch.matmul(torch.matmul(self.rows, images), self.cols.t())
         encoder = model.glance_encoder
-        fmap = encoder.backbone.forward_features(view)
-        pooled = encoder.backbone.forward_head(fmap, pre_logits=True)
+        features = encoder.backbone.forward_features(view)
+        pooled = encoder.backbone.forward_head(features, pre_logits=True)
+        fmap = encoder.spatial_map(features, view)  # a ViT's tokens as their grid
         batch = images.shape[0]
         logits, classifier_state = model.classifier(pooled, self.initial_state(pooled), 1)
         if model.config.glance_head == "encoder":
@@ -94,8 +95,9 @@ class FocusGraph(nn.Module):
         corners = self.corners(location)
         view = self.crop(images, corners)
         encoder = model.focus_encoder
-        fmap = encoder.backbone.forward_features(view)
-        pooled = encoder.backbone.forward_head(fmap, pre_logits=True)
+        features = encoder.backbone.forward_features(view)
+        pooled = encoder.backbone.forward_head(features, pre_logits=True)
+        fmap = encoder.spatial_map(features, view)  # a ViT's tokens as their grid
         logits, classifier_state = model.classifier(pooled, classifier_state, self.step)
         top, left = corners[:, 0], corners[:, 1]
         box = torch.stack([left, top, left + p, top + p], dim=1)

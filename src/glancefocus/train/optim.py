@@ -83,13 +83,28 @@ class Optimizers:
             optimizer.load_state_dict(state[name])
 
 
-def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.optim.SGD:
-    """Nesterov SGD over (parameters, base learning rate) groups; frozen parameters are left out."""
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def sgd(groups: list[tuple[list[nn.Parameter], float]], stage_config) -> torch.optim.Optimizer:
+    """The stage's optimiser over (parameters, base learning rate) groups; frozen parameters
+    are left out. stage_config.optimizer 'sgd': Nesterov SGD (the authors'); 'adamw': AdamW,
+    its weight decay on weights of 2+ dimensions only (biases and norms are not decayed)."""
+    if stage_config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.<stage>.optimizer must be one of {OPTIMIZERS}, "
+                         f"got {stage_config.optimizer!r}")
     param_groups = []
     for params, lr in groups:
         params = [p for p in params if p.requires_grad]
-        if params:
+        if stage_config.optimizer == "adamw":
+            split = ([p for p in params if p.dim() >= 2], stage_config.weight_decay), \
+                    ([p for p in params if p.dim() < 2], 0.0)
+            param_groups += [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": decay}
+                             for ps, decay in split if ps]
+        elif params:
             param_groups.append({"params": params, "lr": lr, "base_lr": lr})
+    if stage_config.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], betas=(0.9, 0.999))
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=stage_config.momentum,
                            nesterov=True, weight_decay=stage_config.weight_decay)
 
@@ -108,7 +123,13 @@ def gfnet_sgd(model, stage: int, stage_config) -> torch.optim.SGD:
                stage_config)
 
 
-def set_cosine_lr(optimizer: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
-    """lr = 0.5 * base * (1 + cos(pi * epoch / epochs)), set at the start of each epoch."""
+def set_cosine_lr(optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
+                  warmup_epochs: int = 0) -> None:
+    """lr = 0.5 * base * (1 + cos(pi * epoch / epochs)), set at the start of each epoch; with
+    a warm-up, (epoch + 1) / warmup_epochs of base in its epochs, then the cosine over the rest."""
     for group in optimizer.param_groups:
-        group["lr"] = 0.5 * group["base_lr"] * (1 + math.cos(math.pi * epoch / epochs))
+        if epoch < warmup_epochs:
+            group["lr"] = group["base_lr"] * (epoch + 1) / warmup_epochs
+            continue
+        progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+        group["lr"] = 0.5 * group["base_lr"] * (1 + math.cos(math.pi * progress))

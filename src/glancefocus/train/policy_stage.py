@@ -3,7 +3,8 @@
 Encoders and classifier are frozen in eval mode. Every update is logged (RUN/stage2/metrics.csv:
 reward per focus step (reward_focus_1 is the first focus, the glance has none), approx KL and clip
 fraction of the updated policy against the collecting one, explained variance, entropy, value and
-policy loss, accuracy per step with the sampled locations (accuracy_1 is the glance), the spread
+policy loss (approx KL and clip fraction every train.stage2.kl_every updates, as they cost a
+pass of the policy), accuracy per step with the sampled locations (accuracy_1 is the glance), the spread
 of the policy's mean locations across images and their share at the image's edge, all over
 every process's batch); the policy is evaluated with its mean
 locations at the end of each epoch (RUN/stage2/eval.csv). last.pt is written every
@@ -77,7 +78,8 @@ def run_policy_stage(run: StageRun) -> list[dict]:
                                           runtime.generator(run.seed, STREAM_PPO, update),
                                           config.train.micro_batch)
                 stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
-                                   where=f"stage 2 update {update + 1}", weight=weight)
+                                   where=f"stage 2 update {update + 1}", weight=weight,
+                                   movement=update % max(stage_config.kl_every, 1) == 0)
                 warning = (explain_rewards(rollout, model.config.num_classes)
                            or explain_locations(stats, rollout, "stage2",
                                                 stage_config.policy_logit_limit)

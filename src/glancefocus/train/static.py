@@ -33,6 +33,7 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     backbone = create_backbone(model_config.arch, num_classes=model_config.num_classes,
                                in_chans=model_config.in_chans, pretrained=model_config.pretrained,
                                pretrained_tag=model_config.pretrained_tag,
+                               input_size=config.data.image_size,
                                **model_config.encoder_kwargs).to(runtime.device)
     if config.train.channels_last:
         backbone.to(memory_format=torch.channels_last)
@@ -45,7 +46,7 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     history = []
     for epoch in range(stage_config.epochs):
         runtime.seed_process(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch)
-        set_cosine_lr(optimizer, epoch, stage_config.epochs)
+        set_cosine_lr(optimizer, epoch, stage_config.epochs, stage_config.warmup_epochs)
         backbone.train()
         # the canvases stage 1 saw in this epoch, in the same order
         batches = functools.partial(make_loader, train_set, batch_size, runtime,

@@ -64,7 +64,7 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         began = time.time()
         # everything random in an epoch follows from (seed, stage, epoch, rank): resume is exact
         runtime.seed_process(run.seed, STREAM_GLOBAL, stage, epoch)
-        set_cosine_lr(optimizer, epoch, stage_config.epochs)
+        set_cosine_lr(optimizer, epoch, stage_config.epochs, stage_config.warmup_epochs)
         set_train_modes(model, stage, stage_config)
         if learner is not None:
             plain_loss.random_fraction = random_fraction(stage_config, epoch)
