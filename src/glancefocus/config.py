@@ -165,13 +165,21 @@ class TrainConfig:
     stage 3 fine-tuning) or 'one-stage' (encoders, classifier and policy together, one run)."""
     batch_size: int = 256
     """Effective batch size (the recipes' 256), reached by accumulation when micro_batch is smaller."""
-    micro_batch: int = 0
-    """Images per forward pass; 0 means batch_size."""
-    amp: str = "none"
+    micro_batch: Union[int, str] = "auto"
+    """Images per forward pass (0 means batch_size), or 'auto': the largest whose counted memory
+    fits the device (memory_budget) with 20 % headroom, the effective batch kept; see
+    `glancefocus memory`. Halved (and the step redone) when a step runs out of GPU memory."""
+    amp: str = "auto"
     """'none', 'bf16', 'fp16' (torch.amp autocast) or 'auto': bf16 where the device computes it
-    in hardware (recent GPUs; CPUs with AVX512-BF16 or AMX), else none."""
+    in hardware (recent GPUs; CPUs with AVX512-BF16 or AMX), fp16 with a GradScaler on GPUs
+    without native bf16 (T4, V100, P100), else none (float32)."""
+    memory_budget: Optional[str] = None
+    """The memory micro_batch=auto fits each process's step into, e.g. '15GB' or '16GiB'; null:
+    the GPU's total memory, or on a CPU the machine's RAM."""
     channels_last: bool = False
     activation_checkpointing: bool = False
+    """Recompute the encoders' activations in the backward pass (less memory, one more forward
+    pass); with micro_batch=auto it is switched on when no micro-batch fits without it."""
     device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/gfnet"

@@ -1,6 +1,7 @@
 """`glancefocus train`: resolve the run configuration and run the stages."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Optional
@@ -106,12 +107,20 @@ def describe_recipe(config: RunConfig) -> str:
     from .one_stage import focus_fraction
     from .stages import with_class_count
 
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
     try:
         train_set, _, classes = build_datasets(config.data, config.model.in_chans)
     except (ValueError, OSError) as exc:
-        return text + f"# the data could not be read, so its sizes are not shown: {exc}\n"
+        note = f"# the data could not be read, so its sizes are not shown: {exc}\n"
+        if config.model.num_classes is None:
+            note += (f"# memory estimated for {ASSUMED_CLASSES} classes (set model.num_classes "
+                     "for yours)\n")
+            config = dataclasses.replace(config, model=dataclasses.replace(
+                config.model, num_classes=ASSUMED_CLASSES))
+        config, memory = _fitted(config)
+        return yaml.safe_dump(to_dict(config), sort_keys=False) + note + memory
     config = with_class_count(config, classes)
+    config, memory = _fitted(config)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
     batch = config.train.batch_size
     steps_per_epoch = math.ceil(len(train_set) / batch)
     head = [f"model.num_classes: {config.model.num_classes} (the data has {len(classes)} classes)",
@@ -143,4 +152,19 @@ def describe_recipe(config: RunConfig) -> str:
                                                  "train.stage2.updates=N to fix the count)"),
             f"stage 3: {config.train.stage3.epochs} epochs = "
             f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
-    return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines)
+    return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines) + memory
+
+
+ASSUMED_CLASSES = 1000
+"""--print-config without readable data: the class count its memory estimate assumes."""
+
+
+def _fitted(config: RunConfig) -> tuple[RunConfig, str]:
+    """`config` fitted to this machine's device as a run would be (fit.py), and a comment
+    line with the choice and its estimate."""
+    from .fit import fit_to_device
+    from .runtime import pick_device
+
+    device = pick_device(config.train.device, 0)
+    config, choice = fit_to_device(config, device)
+    return config, f"# {choice.line(device, config.train.batch_size)}\n"

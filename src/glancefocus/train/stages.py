@@ -23,7 +23,18 @@ from ..model import GlanceFocusNet
 from .context import StageRun
 from .optim import describe_training
 from .policy_stage import run_policy_stage
-from .runtime import STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime, stop_runtime
+from .faults import MicroBatchSize
+from .fit import HEADROOM, agree_across_ranks, fit_to_device, needs_fitting
+from .runtime import (
+    STREAM_INIT,
+    Runtime,
+    amp_dtype,
+    derive_seed,
+    resolve_amp,
+    seed_everything,
+    start_runtime,
+    stop_runtime,
+)
 from .state import (
     ONE_STAGE,
     check_same_run,
@@ -68,11 +79,37 @@ def train(config: RunConfig, stages: Optional[Sequence[int]] = None, resume: boo
     # SIGINT / SIGTERM only raise a flag: the stages save and raise TrainingInterrupted
     with stop_on_signals() as stop_flag:
         try:
+            config, choice = fit_run(config, stages, runtime)
             return _train_stages(config, stages, resume, init, (train_set, eval_set, classes),
                                  progress, save_every, trust_pickle, on_checkpoint, runtime,
-                                 stop_flag)
+                                 stop_flag, choice)
         finally:
             stop_runtime(runtime)
+
+
+def fit_run(config: RunConfig, stages: Sequence[int], runtime: Runtime):
+    """(config, FitChoice or None): train.amp and train.micro_batch resolved for the run's
+    device (see fit.py), the choice logged; the runtime's AMP mode set to the resolved one."""
+    mode, _, warning = resolve_amp(config.train.amp, runtime.device)
+    if warning and runtime.is_main:
+        log.warning(warning)
+    choice = None
+    if needs_fitting(config):
+        config, choice = fit_to_device(config, runtime.device, runtime.world_size, stages)
+        config = agree_across_ranks(choice, config, runtime)
+        if runtime.is_main:
+            log.info(choice.line(runtime.device, config.train.batch_size // runtime.world_size,
+                                 runtime.world_size))
+            if not choice.fits:
+                log.warning("the estimated memory of a step (%.2f GB) is above %.0f%% of the "
+                            "budget (%.1f GB) even at a micro-batch of 1 with activation "
+                            "checkpointing: the run may run out of memory", 
+                            choice.largest_estimate / 1e9, HEADROOM * 100, choice.budget / 1e9)
+    elif not isinstance(config.train.micro_batch, int) or config.train.micro_batch < 0:
+        raise ValueError("train.micro_batch must be a number of images >= 0 (0: the whole "
+                         f"batch) or 'auto', got {config.train.micro_batch!r}")
+    runtime.amp_dtype = amp_dtype(mode, runtime.device)
+    return config, choice
 
 
 def with_class_count(config: RunConfig, classes: Sequence[str]) -> RunConfig:
@@ -102,11 +139,12 @@ def _refuse_overwrite(config: RunConfig, stages: Sequence[int], resume: bool,
 
 
 def _train_stages(config, stages, resume, init, datasets, progress, save_every, trust_pickle,
-                  on_checkpoint, runtime, stop_flag) -> dict[int, list[dict]]:
+                  on_checkpoint, runtime, stop_flag, choice=None) -> dict[int, list[dict]]:
     """train()'s body, with the runtime started and the stop signals handled."""
     out_dir = config.train.out_dir
     train_set, eval_set, classes = datasets
     history = {}
+    micro = MicroBatchSize(config.train.micro_batch)  # halved by out-of-memory errors
     for position, stage in enumerate(stages):
         # between stages the previous one is saved (under torchrun the stage loops decide together)
         if stop_flag.requested and position > 0 and not runtime.distributed:
@@ -119,7 +157,8 @@ def _train_stages(config, stages, resume, init, datasets, progress, save_every, 
             write_run_config(out_dir, to_dict(config))
         model.class_names = list(classes)
         run = StageRun(stage, config, model, train_set, eval_set, runtime, resume_state,
-                       progress, save_every, on_checkpoint, stop_flag)
+                       progress, save_every, on_checkpoint, stop_flag, micro=micro,
+                       fit=choice if position == 0 else None)
         history[stage] = (run_policy_stage if stage == 2 else run_supervised_stage)(run)
         # a collective: no process reads this stage's last.pt before the main one wrote it
         runtime.check_ranks_agree(model)

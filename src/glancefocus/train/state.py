@@ -37,7 +37,9 @@ MAY_DIFFER_ON_RESUME = frozenset(
     [f"train.stage{n}.{key}" for n in (1, 2, 3) for key in ("epochs", "updates")]
     + ["train.one_stage.epochs"]
     + ["data.num_workers", "train.out_dir", "model.pretrained", "model.pretrained_tag",
-       "model.pretrained_glance"])
+       "model.pretrained_glance",
+       # how a step is split and computed on this device, not what it computes
+       "train.micro_batch", "train.activation_checkpointing", "train.memory_budget", "train.amp"])
 
 
 ONE_STAGE = 0
