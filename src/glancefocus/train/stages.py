@@ -21,10 +21,10 @@ from ..data import build_datasets
 from ..interrupts import TrainingInterrupted, stop_on_signals
 from ..model import GlanceFocusNet
 from .context import StageRun
-from .optim import describe_training
-from .policy_stage import run_policy_stage
 from .faults import MicroBatchSize
 from .fit import HEADROOM, agree_across_ranks, fit_to_device, needs_fitting
+from .optim import describe_training
+from .policy_stage import run_policy_stage
 from .runtime import (
     STREAM_INIT,
     Runtime,
@@ -103,7 +103,7 @@ def fit_run(config: RunConfig, stages: Sequence[int], runtime: Runtime):
             if not choice.fits:
                 log.warning("the estimated memory of a step (%.2f GB) is above %.0f%% of the "
                             "budget (%.1f GB) even at a micro-batch of 1 with activation "
-                            "checkpointing: the run may run out of memory", 
+                            "checkpointing: the run may run out of memory",
                             choice.largest_estimate / 1e9, HEADROOM * 100, choice.budget / 1e9)
     elif not isinstance(config.train.micro_batch, int) or config.train.micro_batch < 0:
         raise ValueError("train.micro_batch must be a number of images >= 0 (0: the whole "
