@@ -71,7 +71,7 @@ def measure_on_cuda(config: RunConfig, kind: str, micro: int, amp: str, checkpoi
     makes the optimiser state), on random images, as the training loops run them."""
     device = torch.device("cuda")
     torch.cuda.empty_cache()
-    step = cuda_step(config, kind, micro, amp, checkpointing, device)
+    step = training_step(config, kind, micro, amp, checkpointing, device)
     for index in range(steps):
         if index == steps - 1:
             torch.cuda.synchronize()
@@ -84,7 +84,7 @@ def measure_on_cuda(config: RunConfig, kind: str, micro: int, amp: str, checkpoi
     return int(peak)
 
 
-def cuda_step(config: RunConfig, kind: str, micro: int, amp: str, checkpointing: bool, device):
+def training_step(config: RunConfig, kind: str, micro: int, amp: str, checkpointing: bool, device):
     """A function running one training step of `kind` (the loops' own pieces: the losses,
     gfnet_sgd, the rollout and ppo_update) on a fresh model of `config` and random images."""
     import dataclasses
