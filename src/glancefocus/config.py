@@ -70,6 +70,10 @@ class DataConfig:
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     small_images: str = "resize"
     """Images smaller than image_size: 'resize' them up, or 'error'."""
+    holdout_fraction: float = 0.0
+    """Share of the training images (cluttered MNIST: of the training digits) kept out of
+    training, chosen by data.seed, for calibrating the exit thresholds on images the model has
+    not fit (`glancefocus evaluate --calibrate-on heldout`); 0: train on all of them."""
     max_bad_fraction: float = 0.01
     """Share of unreadable image files above which a run stops with an error."""
     num_workers: int = -1
@@ -106,8 +110,10 @@ class StageConfig:
     """Weight of the entropy bonus in PPO's loss, as the authors have it. The policy's
     standard deviation is fixed (model.policy_std, not learned), so its entropy is a constant
     (logged, the same at every update) and this term changes no gradient."""
-    updates: int = 0
-    """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+    updates: Union[int, str] = 0
+    """Stage 2: stop after this many PPO updates (0: run whole epochs; 'auto': sized from the
+    dataset, max(100, 2 epochs of updates), what a fine-tune from a GFNet (--init) starts with:
+    its policy already works and only adapts to the new images)."""
     policy_logit_limit: Optional[float] = None
     """Stage 2 and the one-stage recipe: keep the policy's mean locations where its sigmoid
     still moves, with a penalty in PPO's loss on mean logits beyond +-this (3: 0.047-0.953 of

@@ -85,7 +85,8 @@ class StageRun:
             self.best_metric = metric
         training = training_state(self.stage, epoch=epoch, update=update, finished=finished,
                                   optimizer=optimizer, best_metric=self.best_metric,
-                                  nonfinite=self.guard.count, scaler=scaler)
+                                  nonfinite=self.guard.count, scaler=scaler,
+                                  world_size=self.runtime.world_size)
         if self.runtime.is_main:
             save_stage_checkpoint(self.model, self.folder, to_dict(self.config), training, is_best)
             # a newer last.pt supersedes the weights saved when an earlier epoch was interrupted
