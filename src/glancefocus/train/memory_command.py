@@ -174,7 +174,7 @@ def register(subparsers) -> None:
     p.add_argument("--stages", default=",".join(KINDS),
                    help="kinds of step: 1/3 (stages 1 and 3), 2, one-stage")
     p.add_argument("--budget", default=None, metavar="SIZE",
-                   help=f"mark the rows whose estimate is within {HEADROOM:.0%} of this, e.g. "
+                   help=f"mark the rows whose estimate is within {HEADROOM * 100:.0f}%% of this, e.g. "
                         "15GB (default: no marks)")
     p.add_argument("--no-measure", action="store_true",
                    help="with CUDA: estimates only, no measured steps")
