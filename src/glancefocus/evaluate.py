@@ -254,9 +254,10 @@ def budget_deviation_warning(curve: dict, calibration: dict) -> Optional[str]:
     if worst is None or worst[0] <= BUDGET_WARNING:
         return None
     _, q, deviation = worst
-    hint = (" Thresholds calibrated on the training images the model has fit exit too many "
-            "images early on new ones: calibrate on images it has not seen (--calibrate-on "
-            "heldout after training with data.holdout_fraction, or --calibrate-on DIR)"
+    hint = (" The model is more (or less) confident on the training images it has fit than "
+            "on new ones, so thresholds calibrated on them let too few (or too many) new images "
+            "exit early: calibrate on images it has not trained on (--calibrate-on heldout after "
+            "training with data.holdout_fraction, or --calibrate-on DIR)"
             if calibration.get("on") == "train" else "")
     return (f"the MACs realised on the evaluation images are {deviation:+.1%} off the requested "
             f"budget at q {q:g} (more than {BUDGET_WARNING:.0%}; calibrated on "
