@@ -89,7 +89,7 @@ def training_dataset(config: DataConfig, channels: int, classes: list):
     if config.dataset == "cluttered-mnist":
         return ClutteredMNIST(config, "train", channels=channels)
     return ImageFolderDataset(config.root, "train", config, train=True, channels=channels,
-                              classes=classes)
+                              classes=classes, part="train")  # those trained on
 
 
 def check_classes(model, dataset) -> None:
