@@ -160,3 +160,20 @@ def test_onnx_parity_compares_logits_boxes_and_exits_at_five_budgets():
     for budget in report["budgets"]:
         assert budget["identical"] == (budget["differing_images"] == 0)
         assert abs(sum(budget["exit_share"]) - 1) < 1e-9
+
+
+def test_gpu_check_smoke_runs_every_check_on_the_cpu(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--smoke", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["memory"]["rows"]
+    assert {r["stage"] for r in rows} == {"1/3", "2", "one-stage"}
+    assert all(r["estimated_bytes"] > 0 and r["seconds"] > 0 and "error" not in r for r in rows)
+    small, large = sorted(result["fit"], key=lambda r: r["card_gb"])
+    assert small["ran_3_steps"] and large["ran_3_steps"]
+    assert small["micro_batch"] < large["micro_batch"] or small["activation_checkpointing"]
+    assert small["estimated_bytes"] <= small["limit_bytes"]
+    assert [b["q"] for b in result["early_exit"]["budgets"]] == [0.25, 0.5, 1.0]
+    assert result["onnx_cuda"]["last_step_logits_max_abs_difference"] < 1e-4

@@ -61,7 +61,8 @@ def test_json_holds_anytime_and_budgeted_results(evaluated):
     assert budgeted["budgets"] == exits.budget_ratios()
     assert len(budgeted["thresholds"]) == len(budgeted["macs"]) == len(budgeted["accuracy"]) == 39
     assert all(len(row) == steps and row[-1] == -exits.BIG for row in budgeted["thresholds"])
-    assert results["calibration"] == {"mode": "train", "images": 200, "seed": 0, "augmentation": True}
+    assert results["calibration"] == {"mode": "train", "on": "train", "what": "training images",
+                                      "images": 200, "seed": 0, "augmentation": True}
     assert results["data"]["val_images"] == 120
     assert results["static_baseline"] == {"macs": 6.2e7, "accuracy": 20.0}
     # small q: most images leave at the glance; large q: most run every step

@@ -207,6 +207,6 @@ def test_amp_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch):
     cpu = torch.device("cpu")
     for native in (False, True):
         monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
-        assert runtime._amp_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert runtime.amp_dtype("auto", cpu) == (torch.bfloat16 if native else None)
     with pytest.raises(ValueError, match="'auto'"):
-        runtime._amp_dtype("float8", cpu)
+        runtime.amp_dtype("float8", cpu)

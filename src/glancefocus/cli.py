@@ -45,6 +45,7 @@ def one_line(message) -> str:
 # modules that add subcommands (each has register(subparsers)), with the commands they add
 COMMAND_MODULES = {
     "glancefocus.train.command": ("train",),
+    "glancefocus.train.memory_command": ("memory",),
     "glancefocus.evaluate": ("evaluate",),
     "glancefocus.predict": ("predict",),
     "glancefocus.export.command": ("export",),

@@ -71,6 +71,10 @@ class DataConfig:
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     small_images: str = "resize"
     """Images smaller than image_size: 'resize' them up, or 'error'."""
+    holdout_fraction: float = 0.0
+    """Share of the training images (cluttered MNIST: of the training digits) kept out of
+    training, chosen by data.seed, for calibrating the exit thresholds on images the model has
+    not fit (`glancefocus evaluate --calibrate-on heldout`); 0: train on all of them."""
     max_bad_fraction: float = 0.01
     """Share of unreadable image files above which a run stops with an error."""
     num_workers: int = -1
@@ -115,8 +119,10 @@ class StageConfig:
     """Weight of the entropy bonus in PPO's loss, as the authors have it. The policy's
     standard deviation is fixed (model.policy_std, not learned), so its entropy is a constant
     (logged, the same at every update) and this term changes no gradient."""
-    updates: int = 0
-    """Stage 2: stop after this many PPO updates (0: run whole epochs)."""
+    updates: Union[int, str] = 0
+    """Stage 2: stop after this many PPO updates (0: run whole epochs; 'auto': sized from the
+    dataset, max(100, 2 epochs of updates), what a fine-tune from a GFNet (--init) starts with:
+    its policy already works and only adapts to the new images)."""
     kl_every: int = 10
     """Stage 2: log approx_kl and clip_fraction (how far an update moved the policy, which
     takes one more pass of the policy over the rollout) every this many updates, from the
@@ -178,13 +184,21 @@ class TrainConfig:
     stage 3 fine-tuning) or 'one-stage' (encoders, classifier and policy together, one run)."""
     batch_size: int = 256
     """Effective batch size (the recipes' 256), reached by accumulation when micro_batch is smaller."""
-    micro_batch: int = 0
-    """Images per forward pass; 0 means batch_size."""
-    amp: str = "none"
+    micro_batch: Union[int, str] = "auto"
+    """Images per forward pass (0 means batch_size), or 'auto': the largest whose counted memory
+    fits the device (memory_budget) with 20 % headroom, the effective batch kept; see
+    `glancefocus memory`. Halved (and the step redone) when a step runs out of GPU memory."""
+    amp: str = "auto"
     """'none', 'bf16', 'fp16' (torch.amp autocast) or 'auto': bf16 where the device computes it
-    in hardware (recent GPUs; CPUs with AVX512-BF16 or AMX), else none."""
+    in hardware (recent GPUs; CPUs with AVX512-BF16 or AMX), fp16 with a GradScaler on GPUs
+    without native bf16 (T4, V100, P100), else none (float32)."""
+    memory_budget: Optional[str] = None
+    """The memory micro_batch=auto fits each process's step into, e.g. '15GB' or '16GiB'; null:
+    the GPU's total memory, or on a CPU the machine's RAM."""
     channels_last: bool = False
     activation_checkpointing: bool = False
+    """Recompute the encoders' activations in the backward pass (less memory, one more forward
+    pass); with micro_batch=auto it is switched on when no micro-batch fits without it."""
     device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/gfnet"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,11 +34,16 @@ from .checkpoint import (
 )
 from .cli import HelpFormatter
 from .config import DataConfig, TrainConfig, from_dict, to_dict
-from .data import ImageFolderDataset, collate_skip_bad
+from .data import ImageFolderDataset, collate_skip_bad, holdout_dataset
 from .data.cluttered_mnist import ClutteredMNIST
 from .predictor import resolve_device
 from .train.loaders import resolve_num_workers
 from .transforms import create_transform, preset_data_section
+
+
+class BudgetDeviationWarning(UserWarning):
+    """The MACs realised on the evaluation images are far from the budget asked for."""
+
 
 CALIBRATION_SEED = 0
 """Which training images calibrate the thresholds, and their augmentation: fixed, so that
@@ -83,7 +89,7 @@ def training_dataset(config: DataConfig, channels: int, classes: list):
     if config.dataset == "cluttered-mnist":
         return ClutteredMNIST(config, "train", channels=channels)
     return ImageFolderDataset(config.root, "train", config, train=True, channels=channels,
-                              classes=classes)
+                              classes=classes, part="train")  # those trained on
 
 
 def check_classes(model, dataset) -> None:
@@ -207,10 +213,62 @@ def stored_thresholds(model) -> tuple[list, list]:
 # ----------------------------------------------------------------------------------------------
 # the whole evaluation
 
+def calibration_dataset(data: DataConfig, channels: int, classes: list, calibrate_on: str,
+                        val_set):
+    """(dataset, what it is, augmented) for --calibrate-on: 'train' (training images with the
+    training augmentation, the authors' choice), 'val' (the evaluation images themselves),
+    'heldout' (the training images held out of training, data.holdout_fraction) or an image
+    folder DIR/<class>/... with the evaluation transforms."""
+    if calibrate_on == "train":
+        return training_dataset(data, channels, classes), "training images", True
+    if calibrate_on == "val":
+        return val_set, "the evaluation images themselves", False
+    if calibrate_on == "heldout":
+        return holdout_dataset(data, channels, classes), "held-out training images", False
+    folder = Path(calibrate_on)
+    if not folder.is_dir():
+        raise ValueError(f"--calibrate-on takes train, val, heldout or a folder DIR/<class>/..., "
+                         f"and '{calibrate_on}' is none of them")
+    dataset = ImageFolderDataset(folder.parent, folder.name, data, train=False, channels=channels,
+                                 classes=classes)
+    dataset.transform = create_transform(data, channels)
+    return dataset, f"the images of {folder}", False
+
+
+BUDGET_WARNING = 0.10
+"""Warn when the MACs realised on the evaluation images miss the requested ones by more than
+this share at a budget of q 0.25 to 1."""
+
+
+def requested_macs(budgets, steps: int, step_macs) -> list[float]:
+    """The MACs per image each budget q asks for: the target exit shares (q ** k, normalised)
+    times the cumulative MACs of the steps."""
+    return [float((exits.target_shares(q, steps).double()
+                   * torch.as_tensor(step_macs, dtype=torch.float64)).sum()) for q in budgets]
+
+
+def budget_deviation_warning(curve: dict, calibration: dict) -> Optional[str]:
+    """A warning when the realised MACs are far from the requested ones (None otherwise)."""
+    worst = max(((abs(d), q, d) for q, d in zip(curve["budgets"], curve["macs_deviation"])
+                 if 0.25 <= q <= 1.0), default=None)
+    if worst is None or worst[0] <= BUDGET_WARNING:
+        return None
+    _, q, deviation = worst
+    hint = (" The model is more (or less) confident on the training images it has fit than "
+            "on new ones, so thresholds calibrated on them let too few (or too many) new images "
+            "exit early: calibrate on images it has not trained on (--calibrate-on heldout after "
+            "training with data.holdout_fraction, or --calibrate-on DIR)"
+            if calibration.get("on") == "train" else "")
+    return (f"the MACs realised on the evaluation images are {deviation:+.1%} off the requested "
+            f"budget at q {q:g} (more than {BUDGET_WARNING:.0%}; calibrated on "
+            f"{calibration.get('what', calibration['mode'])}).{hint}")
+
+
 def evaluate_model(model, data: DataConfig, calibrate: str = "train",
                    calibrate_images: int = 200000, batch_size: int = 64, device="cpu",
-                   log=print) -> dict:
-    """Anytime accuracy and the budgeted curve of `model` on `data` (see the module docstring)."""
+                   log=print, calibrate_on: str = "train") -> dict:
+    """Anytime accuracy and the budgeted curve of `model` on `data` (see the module docstring).
+    calibrate_on: which images calibrate the thresholds (see calibration_dataset)."""
     if calibrate not in ("train", "stored"):
         raise ValueError(f"calibrate must be 'train' or 'stored', got {calibrate!r}")
     channels = model.config.in_chans
@@ -223,17 +281,29 @@ def evaluate_model(model, data: DataConfig, calibrate: str = "train",
     val = collect_step_outputs(model, val_set, batch_size, data.num_workers, device)
     calibration = {"mode": calibrate}
     if calibrate == "train":
-        train_set = training_dataset(data, channels, list(val_set.classes))
-        subset = calibration_subset(train_set, calibrate_images)
-        log(f"calibrating thresholds on {len(subset)} training images (training augmentation)")
-        with seeded(CALIBRATION_SEED):
-            calib = collect_step_outputs(model, subset, batch_size, data.num_workers, device)
+        if calibrate_on == "val":
+            calib, what, augmented = val, "the evaluation images themselves", False
+        else:
+            dataset, what, augmented = calibration_dataset(data, channels, list(val_set.classes),
+                                                           calibrate_on, val_set)
+            subset = calibration_subset(dataset, calibrate_images)
+            log(f"calibrating thresholds on {len(subset)} {what}"
+                + (" (training augmentation)" if augmented else ""))
+            with seeded(CALIBRATION_SEED):
+                calib = collect_step_outputs(model, subset, batch_size, data.num_workers, device)
         thresholds = exits.calibrate_budgets(calib.confidences)
         budgets = exits.budget_ratios()
-        calibration.update(images=calib.count, seed=CALIBRATION_SEED, augmentation=True)
+        calibration.update(on=calibrate_on, what=what, images=calib.count, seed=CALIBRATION_SEED,
+                           augmentation=augmented)
     else:
         calibration["source"] = (model.exit_curve or {}).get("source", "checkpoint")
     curve = dict(budgets=budgets, **evaluate_thresholds(thresholds, val, step_macs))
+    curve["requested_macs"] = requested_macs(budgets, model.config.max_steps, step_macs)
+    curve["macs_deviation"] = [realised / asked - 1
+                               for realised, asked in zip(curve["macs"], curve["requested_macs"])]
+    warning = budget_deviation_warning(curve, calibration)
+    if warning:
+        warnings.warn(warning, BudgetDeviationWarning, stacklevel=2)
     return {
         "model": {"arch": model.config.arch, "patch_size": model.config.patch_size,
                   "max_steps": model.config.max_steps, "num_classes": model.config.num_classes},
@@ -368,6 +438,13 @@ def register(subparsers) -> None:
     p.add_argument("--calibrate", choices=("train", "stored"), default="train",
                    help="train: calibrate thresholds on augmented training images; "
                         "stored: evaluate the thresholds already in the checkpoint")
+    p.add_argument("--calibrate-on", default="train", metavar="train|val|heldout|DIR",
+                   help="which images calibrate the thresholds: train (training images with the "
+                        "training augmentation, as the authors: reproduces their numbers), val "
+                        "(the evaluation images themselves), heldout (the training images held "
+                        "out by data.holdout_fraction at training time) or a folder "
+                        "DIR/<class>/... of other images; on images the model has not fit, the "
+                        "realised MACs follow the requested budget more closely")
     p.add_argument("--calibrate-images", type=int, default=None, metavar="N",
                    help="training images for calibration (default: the config's "
                         "train.calibrate_images, or all when fewer)")
@@ -422,7 +499,8 @@ def _cmd_evaluate(args) -> int:
                                                                TrainConfig().calibrate_images)
     device = resolve_device(args.device)
     model.to(device)
-    results = evaluate_model(model, data, args.calibrate, calibrate_images, args.batch_size, device)
+    results = evaluate_model(model, data, args.calibrate, calibrate_images, args.batch_size, device,
+                             calibrate_on=args.calibrate_on)
     out = Path(args.out)
     baseline = None
     if args.static_baseline_macs is not None:
@@ -472,10 +550,14 @@ def _print_summary(results: dict, out: Path) -> None:
     for k, macs in enumerate(results["macs_per_step"]):
         print(f"{k + 1:>4}  {macs:>16,}  {anytime['top1'][k]:6.2f}  {anytime['top5'][k]:6.2f}")
     budgeted = results["budgeted"]
-    print("budget q  MACs / image      top-1    (expected over the validation set)")
+    print("budget q  MACs / image      top-1    requested MACs    off by  (over the validation "
+          "set)")
     for i in _summary_rows(budgeted):
+        requested = budgeted.get("requested_macs")
+        extra = (f"  {requested[i]:>16,.0f}  {budgeted['macs_deviation'][i]:+7.1%}" if requested
+                 else "")
         print(f"{budgeted['budgets'][i]:>8.2f}  {budgeted['macs'][i]:>16,.0f}  "
-              f"{budgeted['accuracy'][i]:6.2f}")
+              f"{budgeted['accuracy'][i]:6.2f}{extra}")
     if "at_budget" in results:
         pick = results["at_budget"]
         print(f"at a budget of {pick['budget_macs']:,.0f} MACs per image: top-1 "

@@ -1,5 +1,5 @@
 """Datasets: image folders (ImageFolder layout) and cluttered translated MNIST."""
-from .build import build_datasets
+from .build import build_datasets, holdout_dataset
 from .cluttered_mnist import ClutteredMNIST, load_mnist_digits, make_canvases
 from .folders import (
                       BadFilesError,
@@ -13,7 +13,7 @@ from .folders import (
 )
 
 __all__ = [
-    "build_datasets", "ClutteredMNIST", "load_mnist_digits", "make_canvases",
+    "build_datasets", "holdout_dataset", "ClutteredMNIST", "load_mnist_digits", "make_canvases",
     "BadFilesError", "DatasetError", "ImageFolderDataset", "ImageReadError", "ImageTooSmallError",
     "build_transforms", "collate_skip_bad", "load_image",
 ]

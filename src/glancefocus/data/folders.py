@@ -33,6 +33,8 @@ from torch.utils.data import Dataset, default_collate
 from glancefocus_runtime.images import IMAGE_EXTENSIONS, ImageReadError, ImageTooSmallError
 from glancefocus_runtime.images import load_image as _read_image
 
+from .holdout import select_part
+
 log = logging.getLogger(__name__)
 
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -131,12 +133,14 @@ class ImageFolderDataset(Dataset):
     """ROOT/<split>/<class>/<files>, classes = sorted folder names; items (image tensor, label).
 
     `classes`: the training classes; when given, this split must have exactly the same ones.
+    `part`: 'all' of the split's files, or (a training split) those trained on ('train') or held
+    out for calibration ('holdout'), see data.holdout_fraction.
     Files whose names start with '.' (e.g. macOS '._x.jpg') are skipped; class folders are
     searched recursively. See the module docstring for how unreadable files are handled.
     """
 
     def __init__(self, root, split: str, config, train: bool, channels: int = 3,
-                 classes: Optional[Sequence[str]] = None):
+                 classes: Optional[Sequence[str]] = None, part: str = "all"):
         self.root, self.split, self.channels = Path(root), split, channels
         self.max_bad_fraction = float(config.max_bad_fraction)
         self.transform = build_transforms(config, train, channels)
@@ -153,6 +157,9 @@ class ImageFolderDataset(Dataset):
                 raise DatasetError(f"class folder '{self.root / split / name}' holds no image files "
                                    f"({', '.join(IMAGE_EXTENSIONS)})")
             self.samples += [(f, label) for f in files]
+        # data.holdout_fraction: training keeps part "train", calibration may take "holdout"
+        self.samples = select_part(self.samples, part, getattr(config, "holdout_fraction", 0.0),
+                                   getattr(config, "seed", 0))
         self.targets = [label for _, label in self.samples]
         # one status byte per file in shared memory: DataLoader workers and the main process see
         # the same bytes (see the module docstring)

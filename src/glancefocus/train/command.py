@@ -1,8 +1,10 @@
 """`glancefocus train`: resolve the run configuration and run the stages."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, deep_merge, load_config, read_config_file
@@ -27,9 +29,11 @@ def register(subparsers) -> None:
                    help="a named configuration to start from (see `glancefocus presets`)")
     p.add_argument("--stage", choices=["1", "2", "3", "all"], default="all",
                    help="which stage of the three-stage recipe to run (default: all, in order)")
-    p.add_argument("--resume", action="store_true",
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                    help="continue from RUN/stageN/last.pt (RUN/one-stage/last.pt) where a run "
-                        "stopped")
+                        "stopped. With a run folder RUN, its own saved configuration "
+                        "(RUN/config.yaml) is the configuration (overrides still apply, e.g. "
+                        "more epochs); alone, the configuration given (train.out_dir) names it")
     p.add_argument("--init", metavar="CKPT",
                    help="start the first stage run from this GFNet checkpoint instead of the "
                         "previous stage's result in the run folder; it may have another class "
@@ -50,9 +54,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+FINE_TUNE_LENGTH = 1 / 6
+"""A fine-tune from a GFNet (--init) runs this share of the recipe's epochs (at least 1)..."""
+FINE_TUNE_LR = 0.1
+"""...at this share of its learning rates: the encoders, classifier and policy start trained."""
+
+
+def fine_tune_schedule(config: RunConfig) -> dict:
+    """The fine-tuning schedule of `config`'s recipe, as dotted keys: shorter stages, lower
+    learning rates, stage 2's PPO updates sized from the dataset (see StageConfig.updates)."""
+    schedule = {}
+    for section in ("stage1", "stage3", "one_stage"):
+        settings = getattr(config.train, section)
+        schedule[f"train.{section}.epochs"] = max(1, math.ceil(settings.epochs * FINE_TUNE_LENGTH))
+        schedule[f"train.{section}.backbone_lr"] = settings.backbone_lr * FINE_TUNE_LR
+        schedule[f"train.{section}.classifier_lr"] = settings.classifier_lr * FINE_TUNE_LR
+    schedule["train.stage2.updates"] = "auto"
+    return schedule
+
+
 def resolve_config(config_file: Optional[str], preset: Optional[str],
-                   overrides: list[str]) -> RunConfig:
-    """The preset (from --preset or the file's `preset:` key), then the file, then overrides."""
+                   overrides: list[str], fine_tune: bool = False) -> RunConfig:
+    """The preset (from --preset or the file's `preset:` key), then the file, then overrides.
+    fine_tune: the fine-tuning schedule (fine_tune_schedule) replaces the preset's, for every
+    key the file and the overrides leave alone."""
     file_data = read_config_file(config_file) if config_file else {}
     file_preset = file_data.pop("preset", None)
     if file_preset is not None and not isinstance(file_preset, str):
@@ -61,7 +86,42 @@ def resolve_config(config_file: Optional[str], preset: Optional[str],
         raise ConfigError(f"--preset {preset} contradicts `preset: {file_preset}` in {config_file}")
     name = preset or file_preset
     base = deep_merge(get_preset(name) if name else {}, file_data)
-    return load_config(None, overrides, base=base)
+    config = load_config(None, overrides, base=base)
+    if not fine_tune:
+        return config
+    chosen = set(_dotted_keys(file_data)) | {item.split("=", 1)[0].strip() for item in overrides}
+    schedule = [f"{key}={value}" for key, value in fine_tune_schedule(config).items()
+                if key not in chosen]
+    return load_config(None, schedule + list(overrides), base=base)
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys += (_dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else [f"{prefix}{key}"])
+    return keys
+
+
+def _resume_argument(value, overrides: list[str]):
+    """(False, True or the run folder, overrides) from --resume [RUN]: a key=value that is no
+    folder, taken by --resume's optional RUN, goes back to the overrides."""
+    if value is True or value is False:
+        return value, overrides
+    if "=" in value and not Path(value).is_dir():
+        return True, [value, *overrides]
+    folder = Path(value)
+    if not (folder / "config.yaml").is_file():
+        raise ValueError(f"--resume {value}: '{folder / 'config.yaml'}' does not exist (a run "
+                         "folder of `glancefocus train` holds its configuration there)")
+    return folder, overrides
+
+
+def run_config(folder: Path, overrides: list[str]) -> RunConfig:
+    """The configuration saved in run folder `folder`, with `overrides`; train.out_dir is the
+    folder (wherever it was when the run started)."""
+    return load_config(None, [f"train.out_dir={folder}", *overrides],
+                       base=read_config_file(str(folder / "config.yaml")))
 
 
 def log_to_console() -> None:
@@ -82,16 +142,30 @@ def _cmd_train(args) -> int:
 
     from . import train
 
-    config = resolve_config(args.config, args.preset, args.overrides)
+    resume, overrides = _resume_argument(args.resume, args.overrides)
+    if isinstance(resume, Path):
+        if args.config or args.preset or args.init:
+            raise ValueError(f"--resume {resume} continues the run's own configuration "
+                             f"({resume / 'config.yaml'}): drop --config, --preset and --init "
+                             "(key=value overrides still apply)")
+        config = run_config(resume, overrides)
+    else:
+        config = resolve_config(args.config, args.preset, overrides,
+                                fine_tune=bool(args.init) and not resume)
     if args.save_every < 1:
         raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
     if args.print_config:
-        print(describe_recipe(config), end="")
+        note = ""
+        if args.init and not resume:
+            note = ("# --init: the fine-tuning schedule (a sixth of the recipe's epochs, a tenth "
+                    "of its learning rates, stage 2's updates sized from the data) where no "
+                    "key=value or file sets them\n")
+        print(describe_recipe(config) + note, end="")
         return 0
     stages = None if args.stage == "all" else (int(args.stage),)
     log_to_console()
     with logging_redirect_tqdm(loggers=[logging.getLogger("glancefocus")]):
-        train(config, stages, resume=args.resume, init=args.init, progress=not args.no_progress,
+        train(config, stages, resume=bool(resume), init=args.init, progress=not args.no_progress,
               save_every=args.save_every, trust_pickle=args.trust_pickle, overwrite=args.overwrite)
     return 0
 
@@ -104,14 +178,22 @@ def describe_recipe(config: RunConfig) -> str:
     from ..config import to_dict
     from ..data import build_datasets
     from .one_stage import focus_fraction
-    from .stages import with_class_count
+    from .stages import with_class_count, with_ppo_updates
 
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
     try:
         train_set, _, classes = build_datasets(config.data, config.model.in_chans)
     except (ValueError, OSError) as exc:
-        return text + f"# the data could not be read, so its sizes are not shown: {exc}\n"
-    config = with_class_count(config, classes)
+        note = f"# the data could not be read, so its sizes are not shown: {exc}\n"
+        if config.model.num_classes is None:
+            note += (f"# memory estimated for {ASSUMED_CLASSES} classes (set model.num_classes "
+                     "for yours)\n")
+            config = dataclasses.replace(config, model=dataclasses.replace(
+                config.model, num_classes=ASSUMED_CLASSES))
+        config, memory = _fitted(config)
+        return yaml.safe_dump(to_dict(config), sort_keys=False) + note + memory
+    config = with_ppo_updates(with_class_count(config, classes), len(train_set))
+    config, memory = _fitted(config)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
     batch = config.train.batch_size
     steps_per_epoch = math.ceil(len(train_set) / batch)
     head = [f"model.num_classes: {config.model.num_classes} (the data has {len(classes)} classes)",
@@ -143,4 +225,19 @@ def describe_recipe(config: RunConfig) -> str:
                                                  "train.stage2.updates=N to fix the count)"),
             f"stage 3: {config.train.stage3.epochs} epochs = "
             f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
-    return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines)
+    return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines) + memory
+
+
+ASSUMED_CLASSES = 1000
+"""--print-config without readable data: the class count its memory estimate assumes."""
+
+
+def _fitted(config: RunConfig) -> tuple[RunConfig, str]:
+    """`config` fitted to this machine's device as a run would be (fit.py), and a comment
+    line with the choice and its estimate."""
+    from .fit import fit_to_device
+    from .runtime import pick_device
+
+    device = pick_device(config.train.device, 0)
+    config, choice = fit_to_device(config, device)
+    return config, f"# {choice.line(device, config.train.batch_size)}\n"

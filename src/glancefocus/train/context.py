@@ -11,7 +11,8 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..config import RunConfig, to_dict
 from ..interrupts import StopFlag, TrainingInterrupted
-from .faults import NonFiniteGuard
+from .faults import MicroBatchSize, NonFiniteGuard
+from .fit import FitChoice
 from .recorder import MetricsRecorder
 from .runtime import Runtime, restore_rng
 from .state import save_stage_checkpoint, stage_folder, stage_settings, training_state
@@ -37,6 +38,8 @@ class StageRun:
     save_every: int = 200              # stage 2: also save last.pt every this many updates
     on_checkpoint: Optional[Callable[[int, dict], None]] = None
     stop_flag: StopFlag = field(default_factory=StopFlag)  # raised by SIGINT / SIGTERM
+    micro: MicroBatchSize = field(default_factory=lambda: MicroBatchSize(0))  # shared by stages
+    fit: Optional[FitChoice] = None    # the run's memory choice, confirmed by its first steps
     best_metric: float = -math.inf
     guard: NonFiniteGuard = field(init=False)
     _polls: int = field(init=False, default=0)
@@ -82,7 +85,8 @@ class StageRun:
             self.best_metric = metric
         training = training_state(self.stage, epoch=epoch, update=update, finished=finished,
                                   optimizer=optimizer, best_metric=self.best_metric,
-                                  nonfinite=self.guard.count, scaler=scaler)
+                                  nonfinite=self.guard.count, scaler=scaler,
+                                  world_size=self.runtime.world_size)
         if self.runtime.is_main:
             save_stage_checkpoint(self.model, self.folder, to_dict(self.config), training, is_best)
             # a newer last.pt supersedes the weights saved when an earlier epoch was interrupted

@@ -91,3 +91,30 @@ def restore_buffers(module: nn.Module, saved: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for buffer, value in zip(module.buffers(), saved):
             buffer.copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# out of memory at a step
+
+class MicroBatchSize:
+    """The micro-batch a run uses now: halved when a step runs out of memory (the step is then
+    redone), so a run that fit at its start keeps going; `retries` counts the halvings."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.retries = 0
+
+    def halve(self, batch: int, where: str) -> None:
+        """Halve after an out-of-memory error (raises it again when already at 1 image)."""
+        current = self.size if 0 < self.size < batch else batch
+        if current <= 1:
+            raise torch.cuda.OutOfMemoryError(
+                f"{where}: out of memory with a micro-batch of 1 image: the model does not fit "
+                "this device (try train.activation_checkpointing=true or train.amp=bf16/fp16)")
+        self.size = current // 2
+        self.retries += 1
+        log.warning("%s: out of memory with a micro-batch of %d images; redoing the step with "
+                    "%d (the effective batch stays %d; %d halving(s) so far)", where, current,
+                    self.size, batch, self.retries)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

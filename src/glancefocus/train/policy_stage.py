@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .context import StageRun
 from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .evaluation import evaluate_anytime
+from .fit import confirm_on_cuda
 from .loaders import (
     StandIn,
     batches_per_epoch,
@@ -74,9 +75,7 @@ def run_policy_stage(run: StageRun) -> list[dict]:
                 batch, weight = stand_in.get(), 0.0
             if batch is not None:  # None: every file of the batch was unreadable
                 images, labels, _ = unpack(batch, runtime, config.train.channels_last)
-                rollout = collect_rollout(model, images, labels, runtime,
-                                          runtime.generator(run.seed, STREAM_PPO, update),
-                                          config.train.micro_batch)
+                rollout = _collect(run, images, labels, update)
                 stats = ppo_update(ppo_loss, optimizer, rollout, stage_config, runtime, run.guard,
                                    where=f"stage 2 update {update + 1}", weight=weight,
                                    movement=update % max(stage_config.kl_every, 1) == 0)
@@ -110,6 +109,24 @@ def run_policy_stage(run: StageRun) -> list[dict]:
     recorder.close()
     eval_recorder.close()
     return history
+
+
+def _collect(run: StageRun, images, labels, update: int):
+    """The update's rollout, micro-batch by micro-batch; out of GPU memory, again with half the
+    micro-batch (the same random locations: the generator starts afresh)."""
+    while True:
+        try:
+            rollout = collect_rollout(run.model, images, labels, run.runtime,
+                                      run.runtime.generator(run.seed, STREAM_PPO, update),
+                                      run.micro.size)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if run.runtime.distributed:
+                raise
+            run.micro.halve(images.shape[0], f"stage 2 update {update + 1}")
+    if run.fit is not None and update == 0:
+        confirm_on_cuda(run.runtime.device, run.fit, "stage 2 rollout 1")
+    return rollout
 
 
 def _evaluate_and_save(run: StageRun, optimizer, update: int, total: int, epoch: int,

@@ -109,12 +109,12 @@ def start_runtime(device: str = "auto", amp: str = "none") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = _pick_device(device, local_rank)
+    chosen = pick_device(device, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(chosen, rank, world_size, _amp_dtype(amp, chosen))
+    return Runtime(chosen, rank, world_size, amp_dtype(amp, chosen))
 
 
 def stop_runtime(runtime: Runtime) -> None:
@@ -127,7 +127,7 @@ def stop_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
+def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -152,9 +152,30 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_amp(requested: str, device: torch.device) -> tuple[str, str, Optional[str]]:
+    """(mode, why, warning or None) of train.amp on `device`. 'auto': bf16 where the device
+    computes it natively; fp16 (with a GradScaler) on CUDA devices without native bf16 (T4,
+    V100, P100); float32 elsewhere. bf16 asked for where it is emulated gets a warning."""
+    native = native_bf16(device)
+    kind = device.type.upper()
+    if requested == "auto":
+        if native:
+            return "bf16", "native bf16", None
+        if device.type == "cuda":
+            return "fp16", "no native bf16 on this GPU: fp16 with a GradScaler", None
+        return "none", f"no native bf16 on this {kind}: float32", None
+    if requested == "bf16" and not native and device.type in ("cuda", "cpu"):
+        faster = ("train.amp=fp16 (with a GradScaler)" if device.type == "cuda"
+                  else "train.amp=none (float32)")
+        return "bf16", "asked for", (f"train.amp=bf16 on a {kind} without native bf16: it is "
+                                     f"emulated, far slower than {faster}, which train.amp=auto "
+                                     "picks here")
+    return requested, "asked for", None
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
+        amp = resolve_amp(amp, device)[0]
     if amp == "none":
         return None
     if amp == "bf16":

@@ -9,8 +9,12 @@ as usual.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,15 +25,27 @@ from ..data import build_datasets
 from ..interrupts import TrainingInterrupted, stop_on_signals
 from ..model import GlanceFocusNet
 from .context import StageRun
+from .faults import MicroBatchSize
+from .fit import HEADROOM, agree_across_ranks, fit_to_device, needs_fitting
 from .optim import describe_training
 from .policy_stage import run_policy_stage
-from .runtime import STREAM_INIT, Runtime, derive_seed, seed_everything, start_runtime, stop_runtime
+from .runtime import (
+    STREAM_INIT,
+    Runtime,
+    amp_dtype,
+    derive_seed,
+    resolve_amp,
+    seed_everything,
+    start_runtime,
+    stop_runtime,
+)
 from .state import (
     ONE_STAGE,
     check_same_run,
     last_checkpoint,
     load_initial_weights,
     load_weights,
+    resume_changes,
     stage_name,
     stage_settings,
     write_run_config,
@@ -63,16 +79,78 @@ def train(config: RunConfig, stages: Optional[Sequence[int]] = None, resume: boo
     _refuse_overwrite(config, stages, resume, overwrite)
     _starting_point(config, stages[0], resume, init)
     train_set, eval_set, classes = datasets or build_datasets(config.data, config.model.in_chans)
-    config = with_class_count(config, classes)
+    config = with_ppo_updates(with_class_count(config, classes), len(train_set),
+                              int(os.environ.get("WORLD_SIZE", "1")))
     runtime = start_runtime(config.train.device, config.train.amp)
     # SIGINT / SIGTERM only raise a flag: the stages save and raise TrainingInterrupted
-    with stop_on_signals() as stop_flag:
+    with stop_on_signals() as stop_flag, run_log(out_dir, runtime.is_main):
         try:
+            config, choice = fit_run(config, stages, runtime)
             return _train_stages(config, stages, resume, init, (train_set, eval_set, classes),
                                  progress, save_every, trust_pickle, on_checkpoint, runtime,
-                                 stop_flag)
+                                 stop_flag, choice)
         finally:
             stop_runtime(runtime)
+
+
+LOG_FILE = "train.log"
+
+
+@contextlib.contextmanager
+def run_log(out_dir, is_main: bool):
+    """RUN/train.log: the run's log as the console shows it (warnings included, Python's
+    warnings too), with times and levels; appended to, so a resumed run continues it."""
+    if not is_main:
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(out_dir) / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package = logging.getLogger("glancefocus")
+    package.addHandler(handler)
+    level = package.level
+    if package.getEffectiveLevel() > logging.INFO:  # the file has INFO whatever the console shows
+        package.setLevel(logging.INFO)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        shown(message, category, filename, lineno, file, line)  # as before, on the console
+        handler.handle(logging.LogRecord("py.warnings", logging.WARNING, filename, lineno,
+                                         f"{category.__name__}: {message}", None, None))
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        package.setLevel(level)
+        package.removeHandler(handler)
+        handler.close()
+
+
+def fit_run(config: RunConfig, stages: Sequence[int], runtime: Runtime):
+    """(config, FitChoice or None): train.amp and train.micro_batch resolved for the run's
+    device (see fit.py), the choice logged; the runtime's AMP mode set to the resolved one."""
+    mode, _, warning = resolve_amp(config.train.amp, runtime.device)
+    if warning and runtime.is_main:
+        log.warning(warning)
+    choice = None
+    if needs_fitting(config):
+        config, choice = fit_to_device(config, runtime.device, runtime.world_size, stages)
+        config = agree_across_ranks(choice, config, runtime)
+        if runtime.is_main:
+            log.info(choice.line(runtime.device, config.train.batch_size // runtime.world_size,
+                                 runtime.world_size))
+            if not choice.fits:
+                log.warning("the estimated memory of a step (%.2f GB) is above %.0f%% of the "
+                            "budget (%.1f GB) even at a micro-batch of 1 with activation "
+                            "checkpointing: the run may run out of memory",
+                            choice.largest_estimate / 1e9, HEADROOM * 100, choice.budget / 1e9)
+    elif not isinstance(config.train.micro_batch, int) or config.train.micro_batch < 0:
+        raise ValueError("train.micro_batch must be a number of images >= 0 (0: the whole "
+                         f"batch) or 'auto', got {config.train.micro_batch!r}")
+    runtime.amp_dtype = amp_dtype(mode, runtime.device)
+    return config, choice
 
 
 def with_class_count(config: RunConfig, classes: Sequence[str]) -> RunConfig:
@@ -85,6 +163,22 @@ def with_class_count(config: RunConfig, classes: Sequence[str]) -> RunConfig:
                          f"{config.model.num_classes}; set model.num_classes={len(classes)} "
                          "(or leave it unset to read it from the data)")
     return config
+
+
+AUTO_PPO_UPDATES_MIN = 100
+
+
+def with_ppo_updates(config: RunConfig, train_images: int, world_size: int = 1) -> RunConfig:
+    """`config` with train.stage2.updates='auto' sized from the dataset: two epochs of
+    updates, at least AUTO_PPO_UPDATES_MIN (a small dataset's epochs are few updates)."""
+    stage2 = config.train.stage2
+    if stage2.updates != "auto":
+        return config
+    per_epoch = math.ceil(math.ceil(train_images / world_size)
+                          / (config.train.batch_size // world_size))
+    updates = max(AUTO_PPO_UPDATES_MIN, 2 * per_epoch)
+    train = dataclasses.replace(config.train, stage2=dataclasses.replace(stage2, updates=updates))
+    return dataclasses.replace(config, train=train)
 
 
 def _refuse_overwrite(config: RunConfig, stages: Sequence[int], resume: bool,
@@ -102,11 +196,12 @@ def _refuse_overwrite(config: RunConfig, stages: Sequence[int], resume: bool,
 
 
 def _train_stages(config, stages, resume, init, datasets, progress, save_every, trust_pickle,
-                  on_checkpoint, runtime, stop_flag) -> dict[int, list[dict]]:
+                  on_checkpoint, runtime, stop_flag, choice=None) -> dict[int, list[dict]]:
     """train()'s body, with the runtime started and the stop signals handled."""
     out_dir = config.train.out_dir
     train_set, eval_set, classes = datasets
     history = {}
+    micro = MicroBatchSize(config.train.micro_batch)  # halved by out-of-memory errors
     for position, stage in enumerate(stages):
         # between stages the previous one is saved (under torchrun the stage loops decide together)
         if stop_flag.requested and position > 0 and not runtime.distributed:
@@ -119,7 +214,8 @@ def _train_stages(config, stages, resume, init, datasets, progress, save_every, 
             write_run_config(out_dir, to_dict(config))
         model.class_names = list(classes)
         run = StageRun(stage, config, model, train_set, eval_set, runtime, resume_state,
-                       progress, save_every, on_checkpoint, stop_flag)
+                       progress, save_every, on_checkpoint, stop_flag, micro=micro,
+                       fit=choice if position == 0 else None)
         history[stage] = (run_policy_stage if stage == 2 else run_supervised_stage)(run)
         # a collective: no process reads this stage's last.pt before the main one wrote it
         runtime.check_ranks_agree(model)
@@ -147,7 +243,11 @@ def _check_stages(config: RunConfig, stages: Optional[Sequence[int]]) -> tuple[i
         raise ValueError(f"stages must be a rising sequence of 1, 2, 3, got {list(stages)}")
     for stage in stages:
         stage_config = getattr(config.train, f"stage{stage}")
-        if stage_config.epochs < 1 and not (stage == 2 and stage_config.updates > 0):
+        if stage == 2 and isinstance(stage_config.updates, str) and stage_config.updates != "auto":
+            raise ValueError("train.stage2.updates must be a number of PPO updates or 'auto', "
+                             f"got {stage_config.updates!r}")
+        if stage_config.epochs < 1 and not (stage == 2 and (stage_config.updates == "auto"
+                                                            or stage_config.updates > 0)):
             raise ValueError(f"train.stage{stage}.epochs must be >= 1, got {stage_config.epochs}")
     _check_logit_limit(config.train.stage2, "stage2")
     return stages
@@ -220,6 +320,10 @@ def _prepare_model(config: RunConfig, stage: int, runtime: Runtime, resume: bool
         if kind == "resume":
             check_same_run(data["config"], to_dict(config), path)
             resume_state = data["training"]
+            if runtime.is_main:
+                for change in resume_changes(data["config"], to_dict(config), resume_state,
+                                             stage, runtime.world_size):
+                    log.warning("%s: resuming %s", stage_name(stage), change)
         if kind == "previous" and not (data.get("training") or {}).get("finished", False):
             raise ValueError(f"stage {stage - 1} has not finished ('{path}'): continue it "
                              f"with --stage {stage - 1} --resume first")

@@ -37,7 +37,9 @@ MAY_DIFFER_ON_RESUME = frozenset(
     [f"train.stage{n}.{key}" for n in (1, 2, 3) for key in ("epochs", "updates")]
     + ["train.one_stage.epochs"]
     + ["data.num_workers", "train.out_dir", "model.pretrained", "model.pretrained_tag",
-       "model.pretrained_glance"])
+       "model.pretrained_glance",
+       # how a step is split and computed on this device, not what it computes
+       "train.micro_batch", "train.activation_checkpointing", "train.memory_budget", "train.amp"])
 
 
 ONE_STAGE = 0
@@ -74,7 +76,7 @@ def last_checkpoint(out_dir, stage: int) -> Path:
 
 
 def training_state(stage: int, *, epoch: int, update: int, finished: bool, optimizer,
-                   best_metric: float, nonfinite: int, scaler=None) -> dict:
+                   best_metric: float, nonfinite: int, scaler=None, world_size: int = 1) -> dict:
     """What --resume needs: counters, optimiser (and AMP scaler), best metric, RNG states.
 
     The learning-rate schedule is a function of the epoch, so the epoch is its position.
@@ -84,6 +86,7 @@ def training_state(stage: int, *, epoch: int, update: int, finished: bool, optim
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "best_metric": best_metric, "nonfinite": nonfinite, "rng": capture_rng(),
+        "world_size": world_size,
     }
 
 
@@ -177,3 +180,34 @@ def _lookup(data: dict, dotted: str) -> Optional[object]:
     for part in dotted.split("."):
         data = data.get(part) if isinstance(data, dict) else None
     return data
+
+
+def resume_changes(stored: dict, current: dict, training: dict, stage: int,
+                   world_size: int) -> list[str]:
+    """What a resumed stage does differently from the run it continues: another length (its
+    schedule) or another number of processes. One sentence each; none when nothing changes."""
+    changes = []
+    section = "one_stage" if stage == ONE_STAGE else f"stage{stage}"
+    for key in ("epochs", "updates"):
+        was = _lookup(stored, f"train.{section}.{key}")
+        now = _lookup(current, f"train.{section}.{key}")
+        if was is None or was == now:
+            continue
+        if key == "epochs" and stage != 2:
+            changes.append(
+                f"train.{section}.epochs was {was} in the run and is {now} now: the cosine "
+                f"learning-rate schedule follows the new length from epoch {training['epoch'] + 1} "
+                "on (its rate jumps to where the new schedule is at that epoch)")
+        else:
+            changes.append(f"train.{section}.{key} was {was} in the run and is {now} now: stage 2 "
+                           "runs to the new count of PPO updates (the policy's standard deviation "
+                           "schedule, if any, follows it)")
+    was = training.get("world_size")
+    if was is not None and was != world_size:
+        batch = _lookup(current, "train.batch_size")
+        changes.append(
+            f"the run trained on {was} process(es) and resumes on {world_size}: the effective "
+            f"batch stays {batch}, each process's share changes from {batch // max(was, 1)} to "
+            f"{batch // max(world_size, 1)} images, the batches are drawn in another order from "
+            "here on, and stage 2's updates per epoch follow the new shards")
+    return changes

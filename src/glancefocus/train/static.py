@@ -10,7 +10,8 @@ import torch
 from ..encoder import create_backbone
 from .batchnorm import recalibrate_batchnorm
 from .context import DATA_EPOCHS_PER_STAGE
-from .faults import NonFiniteGuard
+from .faults import MicroBatchSize, NonFiniteGuard
+from .fit import AUTO
 from .loaders import make_loader, per_process_batch, unpack
 from .optim import set_cosine_lr, sgd
 from .runtime import (
@@ -43,6 +44,9 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     guard = NonFiniteGuard(config.train.max_nonfinite)
     batch_size = per_process_batch(config.train.batch_size, runtime)
     scaler = runtime.grad_scaler()
+    # 'auto' fits the GFNet's step; the static baseline starts with the whole batch and halves
+    # it if a step runs out of GPU memory
+    micro = MicroBatchSize(0 if config.train.micro_batch == AUTO else config.train.micro_batch)
     history = []
     for epoch in range(stage_config.epochs):
         runtime.seed_process(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch)
@@ -53,7 +57,7 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
                                     seed=config.train.seed, epoch=DATA_EPOCHS_PER_STAGE + epoch,
                                     shuffle=True, num_workers=config.data.num_workers)
         metrics = train_epoch(loss_module, backbone, batches(), optimizer, runtime, guard, steps=1,
-                              micro_batch=config.train.micro_batch,
+                              micro_batch=micro,
                               channels_last=config.train.channels_last, scaler=scaler,
                               description=f"static baseline epoch {epoch + 1}/{stage_config.epochs}",
                               progress=progress)

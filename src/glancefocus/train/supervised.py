@@ -6,7 +6,7 @@ is what DistributedDataParallel wraps, so every gradient it produces is synced.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .faults import (
+    MicroBatchSize,
     NonFiniteGuard,
     reset_nonfinite_batchnorm,
     restore_buffers,
@@ -64,7 +65,8 @@ device each time), not at every batch."""
 
 
 def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, runtime: Runtime,
-                guard: NonFiniteGuard, *, steps: int, micro_batch: int = 0, channels_last: bool = False,
+                guard: NonFiniteGuard, *, steps: int,
+                micro_batch: Union[int, MicroBatchSize] = 0, channels_last: bool = False,
                 scaler=None, generator: Optional[torch.Generator] = None,
                 description: str = "", progress: bool = True,
                 after_step: Optional[Callable[[bool, float], None]] = None) -> dict:
@@ -76,7 +78,13 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
     the step was skipped as non-finite; weight 0 for a stand-in batch), e.g. a policy update.
     The running totals stay on the device; a step waits for it only to decide whether its loss
     was finite (see faults.py) and the progress bar every LOG_EVERY batches.
+    micro_batch: a MicroBatchSize is halved when a step runs out of GPU memory, and the step
+    redone from its start (one process; under torchrun the error stops the run, since the
+    other processes wait in the step's collectives); the result's oom_retries counts them.
     """
+    if not isinstance(micro_batch, MicroBatchSize):
+        micro_batch = MicroBatchSize(micro_batch)
+    retries_before = micro_batch.retries
     # loss sum, images, correct per step, images per step (the one-stage recipe may train
     # only the glance of part of a batch)
     totals = runtime.counters(2 + 2 * steps)
@@ -92,8 +100,19 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
             batch, weight = stand_in.get(), 0.0  # the others need this process in the step
         images, labels, _ = unpack(batch, runtime, channels_last)
         saved = snapshot_buffers(model) if weight == 0.0 else None
-        batch_totals = _train_step(loss_module, images, labels, optimizer, runtime, steps,
-                                   micro_batch, scaler, generator, weight)
+        while True:
+            try:
+                batch_totals = _train_step(loss_module, images, labels, optimizer, runtime, steps,
+                                           micro_batch.size, scaler, generator, weight)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if runtime.distributed:
+                    raise
+                optimizer.zero_grad(set_to_none=True)  # the step starts again from nothing
+                if hasattr(loss_module, "take_episodes"):
+                    loss_module.take_episodes()  # the one-stage rollout of the failed attempt
+                micro_batch.halve(images.shape[0], f"{description or 'training'} batch "
+                                                   f"{position + 1}")
         finite = step_finite(batch_totals[0], loss_module, runtime)
         if saved is not None:
             restore_buffers(model, saved)  # a stand-in must not move the statistics either
@@ -119,7 +138,8 @@ def train_epoch(loss_module: nn.Module, model: nn.Module, loader, optimizer, run
     totals = runtime.sum_across_ranks(totals)
     return {"loss": float(totals[0]) / max(float(totals[1]), 1.0),
             "train_accuracy": _accuracies(totals.tolist(), steps),
-            "skipped_nonfinite": guard.count - skipped_before}
+            "skipped_nonfinite": guard.count - skipped_before,
+            "oom_retries": micro_batch.retries - retries_before}
 
 
 def _train_step(loss_module, images, labels, optimizer, runtime: Runtime, steps: int,

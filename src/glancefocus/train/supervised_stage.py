@@ -16,6 +16,7 @@ from ..interrupts import UntilStopped
 from .batchnorm import recalibrate_batchnorm
 from .context import StageRun
 from .evaluation import evaluate_anytime
+from .fit import confirm_on_cuda
 from .loaders import check_bad_files, make_loader, per_process_batch
 from .one_stage import InterleavedPPO, focus_fraction, random_fraction
 from .one_stage_loss import OneStageLoss
@@ -73,11 +74,13 @@ def run_supervised_stage(run: StageRun) -> list[dict]:
         metrics = train_epoch(
             loss_module, model, UntilStopped(_epoch_batches(run, batch_size, epoch), run.stop_poll),
             optimizer, runtime, run.guard,
-            steps=model.config.max_steps, micro_batch=config.train.micro_batch,
+            steps=model.config.max_steps, micro_batch=run.micro,
             channels_last=config.train.channels_last, scaler=scaler,
             generator=runtime.generator(run.seed, STREAM_LOCATIONS, stage, epoch),
             description=f"{name} epoch {epoch + 1}/{stage_config.epochs}",
             progress=run.progress, after_step=learner and learner.after_step)
+        if epoch == start:
+            confirm_on_cuda(runtime.device, run.fit, f"{name} epoch {epoch + 1}")
         if run.stop_requested():
             # a mid-epoch stop: keep the weights, but --resume restarts this epoch from last.pt
             raise run.interrupted(run.save_interrupted(epoch))
