@@ -145,6 +145,17 @@ def get_preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+DEMO_CLASSES = 10
+"""The built-in demo's data (cluttered MNIST) has ten classes, the digits."""
+IMAGENET_CLASSES = 1000
+
+
+def default_num_classes(arch: str) -> int:
+    """The class count of a model built outside training when neither the caller nor the preset
+    gives one (training reads it from the data): the demo's 10 digits, else ImageNet's 1000."""
+    return DEMO_CLASSES if arch == "demo" else IMAGENET_CLASSES
+
+
 def default_model_section(arch: str) -> dict:
     """The model section for `arch`: its preset's, or a sensible default for any timm CNN
     (recurrent head and the light 1x1-conv policy encoder, which fit any channel count)."""
