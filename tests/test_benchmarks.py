@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import memory
 import train_step
+from engine_parity import allowed_near_ties
 
 from glancefocus import create_model, crops
 
@@ -151,7 +152,10 @@ def test_onnx_parity_compares_logits_boxes_and_exits_at_five_budgets():
     report = onnx_parity.parity(model, images, calibration, "tiny demo", batch_size=5)
     assert report["images"] == 12 and len(report["logits_max_abs_difference_per_step"]) == 3
     assert max(report["logits_max_abs_difference_per_step"]) <= onnx_parity.LOGIT_TOLERANCE
-    assert report["boxes_identical"]
+    # a box can move by a pixel where a location sits within rounding of a pixel boundary
+    # (engine_parity): rare, so at most one image of the twelve
+    assert report["boxes_identical"] == (report["boxes_differing_images"] == 0)
+    assert report["boxes_differing_images"] <= allowed_near_ties(12)
     assert [b["budget_q"] for b in report["budgets"]] == list(onnx_parity.BUDGET_RATIOS)
     for budget in report["budgets"]:
         assert budget["identical"] == (budget["differing_images"] == 0)

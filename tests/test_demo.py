@@ -1,4 +1,4 @@
-"""The demo end to end at a reduced size (the full one takes ~15 minutes on 2 cores)."""
+"""The demo end to end at a reduced size (the full one: docs/get-started.md and docs/results.md)."""
 import json
 import os
 

@@ -10,6 +10,13 @@ import torch
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from engine_parity import (  # noqa: E402
+    LOCATION_TOLERANCE,
+    LOGIT_TOLERANCE,
+    assert_same_answers,
+    crop_near_ties,
+)
+
 import glancefocus as gf  # noqa: E402
 from glancefocus import crops  # noqa: E402
 from glancefocus.cli import main  # noqa: E402
@@ -45,12 +52,19 @@ def run_both(model, exported, images):
 
 
 def assert_step_parity(model, exported, images):
+    """Logits and locations within the engines' tolerances; the boxes equal except where a
+    location sits within that tolerance of a pixel boundary (engine_parity)."""
+    height, width = images.shape[-2:]
+    span = (height - model.config.patch_size, width - model.config.patch_size)
     for k, (out, got) in enumerate(run_both(model, exported, images), start=1):
-        np.testing.assert_allclose(got["logits"], out.logits.numpy(), atol=1e-4, rtol=0,
-                                   err_msg=f"step {k} logits")
-        np.testing.assert_array_equal(got["box"], out.box.numpy())
+        np.testing.assert_allclose(got["logits"], out.logits.numpy(), atol=LOGIT_TOLERANCE,
+                                   rtol=0, err_msg=f"step {k} logits")
+        near = np.zeros(images.shape[0], dtype=bool)
         if k > 1:
-            np.testing.assert_allclose(got["location"], out.location.numpy(), atol=1e-6)
+            np.testing.assert_allclose(got["location"], out.location.numpy(),
+                                       atol=LOCATION_TOLERANCE, rtol=0)
+            near = crop_near_ties(out.location.numpy(), span)
+        assert_same_answers({"box": out.box.numpy()}, {"box": got["box"]}, near, f"step {k}")
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
@@ -70,12 +84,15 @@ def test_step_modules_equal_model_step():
         out = model.step(images)
         logits, fmap, classifier_state, policy_hidden, box = glance(images)
         torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=0)
-        assert torch.equal(box, out.box)
+        assert torch.equal(box, out.box)  # the glance's box: the whole image, no arithmetic
         nxt = model.step(images, out.state)
         logits, _, _, _, location, box = focus(images, fmap, classifier_state, policy_hidden)
         torch.testing.assert_close(logits, nxt.logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(location, nxt.location)
-        assert torch.equal(box, nxt.box)
+        torch.testing.assert_close(location, nxt.location, atol=LOCATION_TOLERANCE, rtol=0)
+        # the graph's glance is a resize by matrices, the model's F.interpolate: other kernels
+        side = 100 - model.config.patch_size
+        near = crop_near_ties(nxt.location.numpy(), (side, side))
+        assert_same_answers({"box": nxt.box.numpy()}, {"box": box.numpy()}, near)
 
 
 def test_demo_export_manifest_and_parity(demo_export):

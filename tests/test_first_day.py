@@ -162,7 +162,7 @@ def test_init_with_trust_pickle_is_accepted_by_train(tmp_path, capsys, write_cra
     """--trust-pickle exists on train (for --init from an authors' file); without it a full
     pickle is refused before it is unpickled."""
     data = pet_folder(tmp_path / "pets")
-    crafted = tmp_path / "GFNet-resnet50-96.pth.tar"
+    crafted = tmp_path / "resnet50_patch_size_96_T_5.pth.tar"
     marker = tmp_path / "ran-code"
     write_crafted_pickle(crafted, marker, key="model_prime_state_dict")
     status, _, err = run(capsys, "train", "--preset", "resnet50", "--init", crafted,

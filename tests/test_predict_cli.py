@@ -229,8 +229,9 @@ def test_create_transform_is_what_the_command_feeds(files, tmp_path, capsys):
     # a PIL image in another mode gets load_image's conversion
     assert torch.equal(transform(Image.open(good[3])), transform(str(good[3])))
     answers = model.predict(images, budget=model.exit_curve["macs"][20])
+    # the same images in one batch of 3 on the same device: the same kernels, the same answers
     assert main(["predict", *map(str, good[:3]), "--checkpoint", str(ckpt), "--json",
-                 "--budget", str(model.exit_curve["macs"][20])]) == 0
+                 "--budget", str(model.exit_curve["macs"][20]), "--device", "cpu"]) == 0
     cli = json.loads(capsys.readouterr().out)["predictions"]
     for answer, row in zip(answers, cli):
         assert (answer.label, answer.exit_step, answer.boxes) == (row["label"], row["exit_step"],

@@ -3,28 +3,19 @@ import re
 
 import pytest
 import torch
+from engine_parity import (
+    allowed_near_ties,
+    assert_same_answers,
+    near_ties,
+    spread_demo,
+    torch_steps,
+    varied_images,
+)
 
-from glancefocus import create_model, exits
+from glancefocus import exits
 from glancefocus.predictor import Predictor, predict
 
-
-def spread_model(seed=0):
-    """A random demo model whose confidences spread over (0.2, 1) and whose labels vary:
-    random encoders give similar features for every image, so amplify their differences."""
-    torch.manual_seed(seed)
-    model = create_model("demo").eval()
-    with torch.no_grad():
-        model.classifier.fc.weight.normal_(0, 3)
-        model.classifier.fc.bias.zero_()
-        model.classifier.rnn.weight_ih_l0.mul_(30)
-    model.class_names = [f"class{k}" for k in range(10)]
-    return model
-
-
-def varied_images(n, seed, side=48):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 1, side, side, generator=g) * torch.rand(n, 1, 1, 1, generator=g) * 3
-            + torch.randn(n, 1, 1, 1, generator=g))
+CROP_SPAN = (48 - 32, 48 - 32)  # varied_images' side less the demo's patch
 
 
 def all_steps(model, images):
@@ -36,7 +27,7 @@ def all_steps(model, images):
 
 @pytest.fixture(scope="module")
 def setup():
-    model = spread_model()
+    model = spread_demo()
     calib_conf, _, _ = all_steps(model, varied_images(300, seed=1))
     images = varied_images(200, seed=2)
     conf, pred, boxes = all_steps(model, images)
@@ -47,26 +38,27 @@ def setup():
 def test_predictor_equals_simulation(setup, budget_index):
     model, calib_conf, images, conf, pred, boxes = setup
     thresholds = exits.calibrate_budgets(calib_conf)[budget_index]
-    # Thresholds come from other images: no confidence sits on a threshold, so tiny float
-    # differences between full-batch and sub-batch computation could not flip an exit.
-    gap = (conf.double() - thresholds[:, None]).abs()
-    assert gap.min() > 1e-6
     step_macs = model.macs()["per_step"]
     labels = torch.zeros(images.shape[0], dtype=torch.long)
     sim = exits.simulate_exits(conf, pred, labels, thresholds, step_macs)
 
     batch = Predictor(model, thresholds=thresholds).run(images)
 
-    assert torch.equal(batch.exit_steps - 1, sim["exit_step"])
-    assert torch.equal(batch.labels, sim["pred"])
+    # The simulation's logits come from one batch of 200, the predictor's from shrinking batches:
+    # other kernels, so an image next to a decision boundary may go either way (engine_parity).
+    logits, locations = torch_steps(model, images)
+    near = near_ties(logits, locations, thresholds.tolist(), CROP_SPAN)
+    steps = torch.arange(1, model.max_steps + 1)
+    sim_boxes = boxes.permute(1, 0, 2).masked_fill(steps[None, :, None] > sim["exit_step"][:, None, None] + 1, -1)
+    assert_same_answers({"exit_steps": sim["exit_step"] + 1, "labels": sim["pred"], "boxes": sim_boxes},
+                        {"exit_steps": batch.exit_steps, "labels": batch.labels, "boxes": batch.boxes},
+                        near, f"budget {budget_index}")
+    clear = torch.from_numpy(~near)
     taken = conf.gather(0, sim["exit_step"][None])[0]
-    assert torch.allclose(batch.confidences, taken, atol=1e-6)
-    assert batch.macs.tolist() == [step_macs[s] for s in sim["exit_step"].tolist()]
-    for i, step in enumerate(batch.exit_steps.tolist()):
-        assert torch.equal(batch.boxes[i, :step], boxes[:step, i])
-        assert (batch.boxes[i, step:] == -1).all()
-    expected_macs = float(batch.macs.double().mean())
-    assert expected_macs == pytest.approx(sim["macs"], rel=1e-9)
+    assert torch.allclose(batch.confidences[clear], taken[clear], atol=1e-6)
+    assert batch.macs.tolist() == [step_macs[s - 1] for s in batch.exit_steps.tolist()]
+    if not near.any():
+        assert float(batch.macs.double().mean()) == pytest.approx(sim["macs"], rel=1e-9)
 
 
 def test_a_middle_budget_exits_at_every_step(setup):
@@ -95,14 +87,19 @@ def test_explicit_thresholds_and_model_predict(setup):
     model, _, images, conf, pred, _ = setup
     everyone_at_glance = model.predict(images[:5], thresholds=torch.tensor([0.0, 0.0, -1e8]))
     assert [p.exit_step for p in everyone_at_glance] == [1] * 5
-    assert [p.label for p in everyone_at_glance] == pred[0, :5].tolist()
+    # pred comes from a batch of 200, the answers from a batch of 5: other kernels
+    logits, _ = torch_steps(model, images[:5])
+    tie = near_ties(logits, None, [0.0, 0.0, -1e8])
+    assert [p.label for p, t in zip(everyone_at_glance, tie) if not t] == pred[0, :5][~tie].tolist()
     assert everyone_at_glance[0].class_name == f"class{pred[0, 0]}"
     assert everyone_at_glance[0].macs == model.macs()["per_step"][0]
     assert len(everyone_at_glance[0].boxes) == 1
 
     full = predict(model, images[:5])  # no budget, no thresholds: every step
     assert [p.exit_step for p in full] == [3] * 5
-    assert [p.label for p in full] == pred[-1, :5].tolist()
+    tie = near_ties(logits, None, [exits.BIG, exits.BIG, -exits.BIG])
+    assert [p.label for p, t in zip(full, tie) if not t] == pred[-1, :5][~tie].tolist()
+    assert tie.sum() <= allowed_near_ties(5)
     assert [len(p.boxes) for p in full] == [3] * 5
     assert set(full[0].to_dict()) == {"label", "class_name", "confidence", "exit_step", "macs", "boxes",
                                       "top_k"}
@@ -118,7 +115,12 @@ def test_budget_uses_the_calibrated_curve(setup):
         predictor = Predictor(model, budget=budget)
         assert torch.equal(predictor.thresholds, exits.thresholds_for_budget(model.exit_curve, budget))
         spent = predictor.run(images).macs.double().mean()
-        assert spent <= budget
+        # the curve's MACs come from one batch of 200: an image next to a threshold may exit a
+        # step later here (engine_parity), and each such image may add its share of the rest
+        logits, _ = torch_steps(model, images)
+        near = near_ties(logits, None, predictor.thresholds.tolist())
+        assert near.sum() <= allowed_near_ties(len(near))
+        assert spent <= budget + near.sum() * (step_macs[-1] - step_macs[0]) / len(near)
         with pytest.raises(exits.BudgetOutOfRangeError, match="no budget fits .* spans"):
             Predictor(model, budget=step_macs[0] * 0.5)
     finally:
@@ -191,6 +193,6 @@ def test_device_auto_and_unusable_devices(monkeypatch):
 
 
 def test_training_mode_is_restored():
-    model = spread_model().train()
+    model = spread_demo().train()
     Predictor(model).run(varied_images(4, seed=3))
     assert model.training

@@ -13,6 +13,18 @@ from PIL import Image
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from engine_parity import (  # noqa: E402
+    LOCATION_TOLERANCE,
+    LOGIT_TOLERANCE,
+    allowed_near_ties,
+    assert_same_answers,
+    near_ties,
+    onnx_steps,
+    spread_demo,
+    torch_steps,
+    varied_images,
+)
+
 import glancefocus as gf  # noqa: E402
 from glancefocus import exits  # noqa: E402
 from glancefocus.config import DataConfig  # noqa: E402
@@ -24,6 +36,7 @@ from glancefocus.runtime import (  # noqa: E402
     IMAGE_EXTENSIONS,
     BudgetAboveCurveWarning,
     BudgetOutOfRangeError,
+    ExportedModel,
     ExportedPredictor,
     ManifestError,
     Preprocess,
@@ -35,10 +48,10 @@ BLOCK_TORCH = ("import sys; sys.modules.update(torch=None, torchvision=None, tim
 
 
 def calibrated_demo(n_calibration=96):
-    """The demo model with an exit curve calibrated on its own outputs for random canvases."""
-    torch.manual_seed(0)
-    model = gf.create_model("demo", num_classes=10).eval()
-    images = torch.randn(n_calibration, 1, 100, 100)
+    """A demo model with spread confidences (engine_parity.spread_demo) and an exit curve
+    calibrated on its own outputs for images of varied brightness and contrast."""
+    model = spread_demo()
+    images = varied_images(n_calibration, seed=0, side=100)
     with torch.inference_mode():
         conf, pred = exits.confidences_from_logits(model(images).logits)
     labels = torch.zeros(n_calibration, dtype=torch.long)
@@ -62,21 +75,35 @@ def test_exit_rule_is_shared():
 
 
 def test_early_exit_matches_torch_at_five_budgets(exported):
+    """Labels, exit steps, boxes and top-3 classes equal PyTorch's on every image that is clear
+    of a near-tie (engine_parity), and near-ties are rare; confidences and logits agree within
+    the tolerances."""
     model, folder = exported
-    # other images than the calibration's: no confidence sits exactly on a threshold
-    images = torch.randn(200, 1, 100, 100, generator=torch.Generator().manual_seed(1))
+    images = varied_images(200, seed=1, side=100)  # other images than the calibration's
+    logits, locations = torch_steps(model, images)
+    onnx_logits, onnx_locations = onnx_steps(ExportedModel(folder), images.numpy())
+    np.testing.assert_allclose(onnx_logits, logits, atol=LOGIT_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(onnx_locations, locations, atol=LOCATION_TOLERANCE, rtol=0)
+    side = 100 - model.config.patch_size
+    table = np.asarray(ExportedPredictor(folder).model.step_macs)
     curve_macs = sorted(model.exit_curve["macs"])
     for budget in [curve_macs[i] for i in (0, 8, 18, 28, 38)] + [None]:
-        want = Predictor(model, budget=budget, top_k=3).run(images)
-        got = ExportedPredictor(folder, budget=budget, top_k=3).run(images.numpy())
-        np.testing.assert_array_equal(got.labels, want.labels.numpy())
-        np.testing.assert_array_equal(got.exit_steps, want.exit_steps.numpy())
-        np.testing.assert_array_equal(got.boxes, want.boxes.numpy())
+        torch_predictor = Predictor(model, budget=budget, top_k=3)
+        onnx_predictor = ExportedPredictor(folder, budget=budget, top_k=3)
+        np.testing.assert_array_equal(onnx_predictor.thresholds, torch_predictor.thresholds.numpy())
+        want = torch_predictor.run(images)
+        got = onnx_predictor.run(images.numpy())
+        near = near_ties(logits, locations, onnx_predictor.thresholds, (side, side), top_k=3)
+        fields = ("labels", "exit_steps", "boxes", "top_labels")
+        assert_same_answers({f: getattr(want, f).numpy() for f in fields},
+                            {f: getattr(got, f) for f in fields}, near, f"budget {budget}")
+        clear = ~near
+        np.testing.assert_allclose(got.confidences[clear], want.confidences.numpy()[clear],
+                                   atol=1e-5)
         # MACs from the manifest's table (counted at export on the plain modules)
-        table = np.asarray(ExportedPredictor(folder).model.step_macs)
         np.testing.assert_array_equal(got.macs, table[got.exit_steps - 1])
-        np.testing.assert_array_equal(got.top_labels, want.top_labels.numpy())
-        np.testing.assert_allclose(got.confidences, want.confidences.numpy(), atol=1e-5)
+        if budget in curve_macs[1:3]:
+            assert set(got.exit_steps.tolist()) == {1, 2, 3}  # the comparison covers every step
     assert len(set(got.exit_steps.tolist())) == 1  # no budget: everyone runs every step
 
 
@@ -154,7 +181,8 @@ def test_predict_exported_without_torch_matches_checkpoint(exported, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     budget = sorted(model.exit_curve["macs"])[20]
     common = [tmp_path, "--budget", budget, "--json", "--top-k", 2]
-    torch_run = run_cli(["predict", *common, "--checkpoint", tmp_path / "model.pt"])
+    torch_run = run_cli(["predict", *common, "--checkpoint", tmp_path / "model.pt", "--device",
+                         "cpu"])
     onnx_run = run_cli(["predict", *common, "--exported", folder], block_torch=True)
     assert torch_run.returncode == onnx_run.returncode == 1, onnx_run.stderr  # the bad file
     assert "bad.png" in onnx_run.stderr
@@ -162,12 +190,20 @@ def test_predict_exported_without_torch_matches_checkpoint(exported, tmp_path):
     assert got["thresholds"] == want["thresholds"] and got["engine"] == "onnxruntime"
     assert [e["file"] for e in got["errors"]] == [e["file"] for e in want["errors"]]
     assert len(got["predictions"]) == 5
-    for a, b in zip(want["predictions"], got["predictions"]):
-        for key in ("file", "label", "class_name", "exit_step", "original_size",
-                    "boxes_in_original_pixels", "boxes_in_model_input"):
-            assert a[key] == b[key], key
-        assert [c["label"] for c in a["top_k"]] == [c["label"] for c in b["top_k"]]
-        assert b["confidence"] == pytest.approx(a["confidence"], abs=1e-5)
+    assert [a["file"] for a in want["predictions"]] == [b["file"] for b in got["predictions"]]
+    # the answers are equal where no decision sits within the engines' tolerance of a boundary
+    transform = gf.create_transform(model)
+    canvases = torch.stack([transform(a["file"]) for a in want["predictions"]])
+    logits, locations = torch_steps(model, canvases)
+    side = 100 - model.config.patch_size
+    near = near_ties(logits, locations, want["thresholds"], (side, side), top_k=2)
+    keys = ("label", "class_name", "exit_step", "original_size", "boxes_in_original_pixels",
+            "boxes_in_model_input")
+    for a, b, tie in zip(want["predictions"], got["predictions"], near):
+        assert tie or all(a[key] == b[key] for key in keys), (a, b)
+        assert tie or [c["label"] for c in a["top_k"]] == [c["label"] for c in b["top_k"]]
+        assert tie or b["confidence"] == pytest.approx(a["confidence"], abs=1e-5)
+    assert near.sum() <= allowed_near_ties(5), f"{near.sum()} of 5 images sit next to a boundary"
     # the table too, and torch-only commands say what they need
     assert run_cli(["predict", tmp_path / "0.png", "--exported", folder], True).returncode == 0
     train = run_cli(["train", "--help"], block_torch=True)

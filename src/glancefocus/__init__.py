@@ -11,6 +11,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+"""The release (pyproject.toml reads it from here; CHANGELOG.md says what changed)."""
 
 # public name -> the submodule that defines it
 _PUBLIC = {
