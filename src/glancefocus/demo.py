@@ -1,15 +1,19 @@
-"""`glancefocus demo`: a GFNet on cluttered MNIST, trained and measured on 2 CPU cores.
+"""`glancefocus demo`: a GFNet on cluttered MNIST, trained and measured on the machine's CPU cores.
 
-It trains a small GFNet through all three stages (the "demo" preset; with --recipe one-stage in
-one run, see train/one_stage.py), trains the static baseline
-(the same CNN on the whole 100 x 100 canvas, as many epochs as stage 1), evaluates both on the
-5,000 fixed test canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png and
-model.pt (the trained GFNet). It then says whether the four claims below hold.
+It trains a small GFNet (the "demo" preset) in one run (the one-stage recipe, train/one_stage.py;
+with --recipe three-stage in the paper's three stages), trains the static baseline (the same CNN
+on the whole 100 x 100 canvas, with stage 1's settings for train.static_epochs epochs: 4 in the
+preset, where the static step costs about 5 GFNet steps), evaluates both on the 5,000 fixed test
+canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png, model.pt (the
+trained GFNet with calibrated exits, written as soon as it is ready and again at the end with the
+baseline's numbers) and static.pt (the static baseline, train/static.py's format). It then says
+whether the four claims below hold. Each phase logs its wall and CPU seconds.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,20 +43,22 @@ from .train.static import (
 log = logging.getLogger("glancefocus.demo")
 
 PATCH_EXAMPLES = 12
-EXPECTED_TIME = "15 minutes in float32"
+EXPECTED_TIME = "15 minutes in float32, 7 with native bf16"
+"""Estimated from the parts' measured times (docs/results.md), for the log line."""
 
 
 def register(subparsers) -> None:
     from .cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: 11-32 minutes)",
-        description="Train a small GFNet on cluttered MNIST (in three stages, or in one with "
-                    "--recipe one-stage), and the "
-                    "same CNN as a static baseline; measure both on 5,000 test canvases and write "
-                    "DIR/metrics.json, DIR/accuracy_vs_macs.png, DIR/patches.png (numbered boxes: "
-                    "1 = the glance, 2.. = the focus patches) and DIR/model.pt (with calibrated "
-                    "exits, ready for `glancefocus predict --budget`).",
+        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 15 minutes "
+             "in float32)",
+        description="Train a small GFNet on cluttered MNIST (in one run, or in the paper's three "
+                    "stages with --recipe three-stage), and the same CNN as a static baseline; "
+                    "measure both on 5,000 test canvases and write DIR/metrics.json, "
+                    "DIR/accuracy_vs_macs.png, DIR/patches.png (numbered boxes: 1 = the glance, "
+                    "2.. = the focus patches), DIR/model.pt (with calibrated exits, ready for "
+                    "`glancefocus predict --budget`) and DIR/static.pt (the static baseline).",
         formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
     p.add_argument("--recipe", choices=list(RECIPES), default="one-stage",
@@ -148,7 +154,21 @@ def use_threads(threads: Optional[int] = None) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
     torch.set_num_threads(threads)
+    busy = _load_average()
+    if threads > 1 and busy is not None and busy > usable_cpus():
+        # measured on a shared 2-core machine: a stage-1 step took 10.8 s with 2 threads and
+        # 3.3 s with 1, as each parallel region waits for a thread that another job holds
+        log.warning("demo: the machine is busy (load average %.1f on %d cores): %d threads may "
+                    "wait on each other; if steps are slow, try --threads 1", busy, usable_cpus(),
+                    threads)
     return threads
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
 
 
 class PhaseClock:
