@@ -32,14 +32,12 @@ import torch
 
 from glancefocus.config import load_config
 from glancefocus.model import GlanceFocusNet
-from glancefocus.presets import get_preset
+from glancefocus.presets import default_num_classes, get_preset
 from glancefocus.train.faults import NonFiniteGuard
 from glancefocus.train.optim import freeze_for_stage, gfnet_sgd, set_train_modes
 from glancefocus.train.ppo import PPOLoss, collect_rollout, ppo_update
 from glancefocus.train.runtime import start_runtime
 from glancefocus.train.supervised import GlanceFocusLoss
-
-IMAGENET_CLASSES = 1000
 
 
 def build_setup(preset: str, batch: int, amp: str = "none", channels_last: bool = False,
@@ -49,8 +47,8 @@ def build_setup(preset: str, batch: int, amp: str = "none", channels_last: bool 
                          overrides=["model.pretrained=false", f"train.amp={amp}",
                                     f"train.channels_last={str(channels_last).lower()}",
                                     f"train.device={device}", *overrides])
-    if config.model.num_classes is None:  # training reads it from the data; here: ImageNet's
-        config.model.num_classes = IMAGENET_CLASSES
+    if config.model.num_classes is None:  # training reads it from the data
+        config.model.num_classes = default_num_classes(preset)
     runtime = start_runtime(config.train.device, config.train.amp)
     torch.manual_seed(seed)
     model = GlanceFocusNet(config.model).to(runtime.device)

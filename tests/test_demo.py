@@ -9,16 +9,22 @@ from PIL import Image
 
 from glancefocus.checkpoint import load_checkpoint
 from glancefocus.cli import main
+from glancefocus.config import DataConfig, from_dict
+from glancefocus.data import build_datasets
 from glancefocus.demo import check_claims
+from glancefocus.train.runtime import start_runtime
+from glancefocus.train.static import evaluate_static, load_static_baseline
 
 SMALL = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "data.num_clutter=2",
          "data.train_canvases=96", "data.test_canvases=64", "train.batch_size=32",
          "model.classifier_hidden=32", "model.policy_hidden=32", "train.stage1.epochs=1",
-         "train.stage2.updates=2", "train.stage3.epochs=1"]
+         "train.stage2.updates=2", "train.stage3.epochs=1", "train.one_stage.epochs=1",
+         "train.static_epochs=1"]
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--no-progress", *SMALL]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--threads", "1", *SMALL]) == 0
+    assert torch.get_num_threads() == 1
     printed = capsys.readouterr().out
     assert "claims:" in printed and "total time" in printed
 
@@ -32,6 +38,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     static = metrics["static_baseline"]
     assert 0 <= static["accuracy"] <= 100 and static["macs"] > metrics["gfnet"]["anytime_macs"][0]
     assert metrics["config"]["data"]["canvas_size"] == 48 and metrics["seconds"] > 0
+    # the default recipe; the class count comes from the data, not from the preset
+    assert metrics["config"]["train"]["recipe"] == "one-stage"
+    assert metrics["config"]["model"]["num_classes"] == 10 and metrics["threads"] == 1
+    assert static["epochs"] == 1
+    assert set(metrics["stage_seconds"]) == set(metrics["stage_cpu_seconds"]) >= {
+        "gfnet_training", "static_training"}
     assert set(metrics["claims"]) == {"first_focus_hit_rate", "policy_beats_random",
                                       "static_accuracy_at_third_macs", "accuracy_never_falls"}
 
@@ -47,13 +59,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     answers = model.predict(images, budget=max(metrics["budgeted"]["macs"]))
     assert len(answers) == 4 and all(1 <= a.exit_step <= 3 for a in answers)
 
+    # the static baseline, saved to be exported: the same CNN, giving the measured accuracy
+    backbone, saved = load_static_baseline(tmp_path / "static.pt")
+    assert saved["format"] == "glancefocus-static" and saved["num_classes"] == 10
+    assert saved["class_names"] == model.class_names
+    assert saved["model_config"] == metrics["config"]["model"]
+    assert saved["data_config"] == metrics["config"]["data"]
+    # (the demo ran it channels_last: other kernels, so a near-tie may flip one image)
+    accuracy = evaluate_static(backbone, _test_set(metrics), start_runtime("cpu"), 32)
+    assert abs(accuracy - static["accuracy"]) <= 100 / 64 + 1e-9
+
+
+def _test_set(metrics):
+    data = from_dict(DataConfig, metrics["config"]["data"])
+    return build_datasets(data, 1)[1]
+
 
 def _test_items(metrics, count):
-    from glancefocus.config import DataConfig, from_dict
-    from glancefocus.data import build_datasets
-
-    data = from_dict(DataConfig, metrics["config"]["data"])
-    _, test_set, _ = build_datasets(data, 1)
+    test_set = _test_set(metrics)
     return [test_set[i] for i in range(count)]
 
 
@@ -78,13 +101,12 @@ def test_claims_fail_when_they_should():
     assert not any(claim["holds"] for claim in claims.values()), claims
 
 
-def test_demo_one_stage_recipe(tmp_path, capsys):
-    small = [*SMALL, "train.one_stage.epochs=1"]
-    assert main(["demo", "--recipe", "one-stage", "--out", str(tmp_path), "--no-progress",
-                 *small]) == 0
+def test_demo_three_stage_recipe(tmp_path, capsys):
+    assert main(["demo", "--recipe", "three-stage", "--out", str(tmp_path), "--no-progress",
+                 "--threads", "1", *SMALL]) == 0
     assert "claims:" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["train"]["recipe"] == "one-stage"
-    assert (tmp_path / "run" / "one-stage" / "last.pt").is_file()
-    assert not (tmp_path / "run" / "stage1").exists()
+    assert metrics["config"]["train"]["recipe"] == "three-stage"
+    assert (tmp_path / "run" / "stage3" / "last.pt").is_file()
+    assert not (tmp_path / "run" / "one-stage").exists()
     assert len(metrics["gfnet"]["hit_rate"]) == 2 and len(metrics["budgeted"]["macs"]) == 39

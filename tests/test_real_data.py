@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from glancefocus.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from glancefocus.cli import main
 from glancefocus.config import load_config
 from glancefocus.model import GlanceFocusNet, create_model
 from glancefocus.presets import PRESETS, get_preset
@@ -18,14 +19,14 @@ from glancefocus.train.optim import describe_training, freeze_for_stage, gfnet_s
 CLASSES = 10
 
 
-def colour_folder(root, per_class=(8, 4), size=(56, 64)):
+def colour_folder(root, per_class=(8, 4), size=(56, 64), classes=CLASSES):
     """ROOT/train|val/<class>/*.png: each class a hue, with noise; learnable in a few epochs."""
     generator = torch.Generator().manual_seed(0)
     for split, count in zip(("train", "val"), per_class):
-        for label in range(CLASSES):
+        for label in range(classes):
             folder = root / split / f"class{label:02d}"
             folder.mkdir(parents=True)
-            rgb = torch.tensor(colorsys.hsv_to_rgb(label / CLASSES, 0.9, 0.9)) * 255
+            rgb = torch.tensor(colorsys.hsv_to_rgb(label / classes, 0.9, 0.9)) * 255
             for i in range(count):
                 noise = torch.randint(-40, 40, (*size, 3), generator=generator)
                 pixels = (rgb + noise).clamp(0, 255).to(torch.uint8)
@@ -191,6 +192,23 @@ def test_class_count_is_read_from_the_folders(tmp_path):
     wrong = load_config(None, ["model.num_classes=3"], base={"model": {"arch": "demo_cnn"}})
     with pytest.raises(ValueError, match="the data has 10 classes but model.num_classes is 3"):
         with_class_count(wrong, classes)
+
+
+def test_demo_preset_trains_on_a_folder(tmp_path, capsys):
+    """The demo preset leaves the class count to the data: a folder of 3 classes trains (a few
+    one-stage steps, grey 48 x 48 images); a folder given without data.dataset=folder is a
+    clear error rather than silently unread."""
+    root = colour_folder(tmp_path / "images", per_class=(6, 2), classes=3)
+    small = [f"data.root={root}", "data.image_size=48", "data.resize_size=48",
+             "model.patch_size=16", "model.classifier_hidden=16", "model.policy_hidden=16",
+             "train.batch_size=16", "train.recipe=one-stage", "train.one_stage.epochs=1",
+             f"train.out_dir={tmp_path / 'run'}"]
+    assert main(["train", "--preset", "demo", "--no-progress", *small]) == 2
+    assert "add data.dataset=folder" in capsys.readouterr().err
+    assert main(["train", "--preset", "demo", "--no-progress", "data.dataset=folder", *small]) == 0
+    model = load_checkpoint(tmp_path / "run" / "one-stage" / "last.pt")
+    assert model.config.num_classes == 3 and model.config.in_chans == 1
+    assert model.class_names == ["class00", "class01", "class02"]
 
 
 def test_num_classes_unset_outside_training_is_a_clear_error():

@@ -1,16 +1,22 @@
-"""`glancefocus demo`: a GFNet on cluttered MNIST, trained and measured on 2 CPU cores.
+"""`glancefocus demo`: a GFNet on cluttered MNIST, trained and measured on the machine's CPU cores.
 
-It trains a small GFNet through all three stages (the "demo" preset; with --recipe one-stage in
-one run, see train/one_stage.py), trains the static baseline
-(the same CNN on the whole 100 x 100 canvas, as many epochs as stage 1), evaluates both on the
-5,000 fixed test canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png and
-model.pt (the trained GFNet). It then says whether the four claims below hold.
+It trains a small GFNet (the "demo" preset) in one run (the one-stage recipe, train/one_stage.py;
+with --recipe three-stage in the paper's three stages), trains the static baseline (the same CNN
+on the whole 100 x 100 canvas, with stage 1's settings for train.static_epochs epochs: 4 in the
+preset, where the static step costs about 5 GFNet steps), evaluates both on the 5,000 fixed test
+canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png, model.pt (the
+trained GFNet with calibrated exits, written as soon as it is ready and again at the end with the
+baseline's numbers) and static.pt (the static baseline, train/static.py's format). It then says
+whether the four claims below hold. Each phase logs its wall and CPU seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,32 +29,43 @@ from .macs import count_static_macs
 from .presets import get_preset
 from .train import train
 from .train.evaluation import evaluate_anytime
+from .train.loaders import usable_cpus
 from .train.runtime import start_runtime
+from .train.stages import with_class_count
 from .train.state import final_checkpoint
-from .train.static import evaluate_static, train_static_baseline
+from .train.static import (
+    evaluate_static,
+    save_static_baseline,
+    static_epochs,
+    train_static_baseline,
+)
 
 log = logging.getLogger("glancefocus.demo")
 
-THREADS = 2
 PATCH_EXAMPLES = 12
+EXPECTED_TIME = "15 minutes in float32, 7 with native bf16"
+"""Estimated from the parts' measured times (docs/results.md), for the log line."""
 
 
 def register(subparsers) -> None:
     from .cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: 11-32 minutes)",
-        description="Train a small GFNet on cluttered MNIST (in three stages, or in one with "
-                    "--recipe one-stage), and the "
-                    "same CNN as a static baseline; measure both on 5,000 test canvases and write "
-                    "DIR/metrics.json, DIR/accuracy_vs_macs.png, DIR/patches.png (numbered boxes: "
-                    "1 = the glance, 2.. = the focus patches) and DIR/model.pt (with calibrated "
-                    "exits, ready for `glancefocus predict --budget`).",
+        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 15 minutes "
+             "in float32)",
+        description="Train a small GFNet on cluttered MNIST (in one run, or in the paper's three "
+                    "stages with --recipe three-stage), and the same CNN as a static baseline; "
+                    "measure both on 5,000 test canvases and write DIR/metrics.json, "
+                    "DIR/accuracy_vs_macs.png, DIR/patches.png (numbered boxes: 1 = the glance, "
+                    "2.. = the focus patches), DIR/model.pt (with calibrated exits, ready for "
+                    "`glancefocus predict --budget`) and DIR/static.pt (the static baseline).",
         formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
-    p.add_argument("--recipe", choices=list(RECIPES), default="three-stage",
-                   help="train the GFNet in the paper's three stages, or in one run (encoders, "
-                        "classifier and policy together)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="one-stage",
+                   help="train the GFNet in one run (encoders, classifier and policy together), "
+                        "or in the paper's three stages (about 8 minutes more on 2 cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="changes to the demo preset, e.g. train.stage1.epochs=4 (default: none)")
@@ -63,58 +80,122 @@ def _cmd_demo(args) -> int:
     log_to_console()
     with logging_redirect_tqdm(loggers=[logging.getLogger("glancefocus")]):
         metrics = run_demo(args.out, [f"train.recipe={args.recipe}", *args.overrides],
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, threads=args.threads)
     print(summary(metrics))
     return 0
 
 
-def run_demo(out_dir, overrides=(), progress: bool = True) -> dict:
-    """Train, evaluate, plot and save; returns what metrics.json holds."""
+def run_demo(out_dir, overrides=(), progress: bool = True, threads: Optional[int] = None) -> dict:
+    """Train, evaluate, plot and save; returns what metrics.json holds.
+
+    threads: torch's CPU threads (None: every core this process may use)."""
     began = time.time()
-    torch.set_num_threads(THREADS)
+    threads = use_threads(threads)
     out = Path(out_dir)
     base = get_preset("demo")
     base["train"]["out_dir"] = str(out / "run")
     config = load_config(None, list(overrides), base=base)
-    log.info("demo: a GFNet (%s recipe), then the static baseline, on cluttered MNIST (on 2 CPU "
-             "cores about 11 minutes with native bf16, about 32 in float32); output in %s",
-             config.train.recipe, out)
-    datasets = build_datasets(config.data, config.model.in_chans)
-    train_set, test_set, _ = datasets
-    seconds = {}
+    log.info("demo: a GFNet (%s recipe), then the static baseline, on cluttered MNIST, with %d "
+             "CPU thread%s (on 2 cores about %s); output in %s", config.train.recipe, threads,
+             "" if threads == 1 else "s", EXPECTED_TIME, out)
+    phases = PhaseClock()
+    with phases("data"):
+        datasets = build_datasets(config.data, config.model.in_chans)
+    train_set, test_set, classes = datasets
+    config = with_class_count(config, classes)  # the preset leaves the class count to the data
 
-    train(config, datasets=datasets, progress=progress, overwrite=True)  # a rerun starts afresh
-    seconds["gfnet_training"] = time.time() - began
+    with phases("gfnet_training"):
+        train(config, datasets=datasets, progress=progress, overwrite=True)  # a rerun starts afresh
     model = load_checkpoint(final_checkpoint(config.train.out_dir, config.train.recipe))
     runtime = start_runtime(config.train.device, config.train.amp)
-    model.to(runtime.device)
     batch = config.train.batch_size
-    metrics = measure_gfnet(model, test_set, runtime, batch, config.train.seed)
+    with phases("gfnet_evaluation"):
+        model.to(runtime.device)
+        metrics = measure_gfnet(model, test_set, runtime, batch, config.train.seed)
+        # calibrate the exit thresholds (the authors' 39 budgets): model.pt answers `predict --budget`
+        model.cpu()
+        evaluation = evaluate_model(model, config.data, calibrate_images=config.data.train_canvases,
+                                    batch_size=batch, log=log.info)
+        model.exit_curve = exit_curve_from(evaluation)
+        budgeted = evaluation["budgeted"]
+        metrics["budgeted"] = {"budgets": budgeted["budgets"], "macs": budgeted["macs"],
+                               "accuracy": budgeted["accuracy"]}
+    # the GFNet is ready before the (longer) static baseline starts: saved now, and again with
+    # the baseline's numbers at the end
+    _save_gfnet(model, metrics, out / "model.pt", config)
+    log.info("demo: the trained GFNet with calibrated exits is in %s", out / "model.pt")
 
-    started = time.time()
-    backbone, _ = train_static_baseline(config, train_set, runtime, progress)
-    static_accuracy = evaluate_static(backbone, test_set, runtime, batch, config.train.channels_last)
-    seconds["static_training"] = time.time() - started
-
+    with phases("static_training"):
+        backbone, _ = train_static_baseline(config, train_set, runtime, progress)
+    with phases("static_evaluation"):
+        static_accuracy = evaluate_static(backbone, test_set, runtime, batch,
+                                          config.train.channels_last)
+    save_static_baseline(out / "static.pt", backbone, config.model, config.data, classes)
     static_macs = count_static_macs(backbone, config.data.image_size, config.data.image_size,
                                     config.model.in_chans)
-    metrics["static_baseline"] = {"accuracy": static_accuracy, "macs": static_macs}
-    # calibrate the exit thresholds (the authors' 39 budgets) so model.pt answers `predict --budget`
-    model.cpu()
-    evaluation = evaluate_model(model, config.data, calibrate_images=config.data.train_canvases,
-                                batch_size=batch, log=log.info)
-    model.exit_curve = exit_curve_from(evaluation)
-    budgeted = evaluation["budgeted"]
-    metrics["budgeted"] = {"budgets": budgeted["budgets"], "macs": budgeted["macs"],
-                           "accuracy": budgeted["accuracy"]}
+    metrics["static_baseline"] = {"accuracy": static_accuracy, "macs": static_macs,
+                                  "epochs": static_epochs(config)}
     metrics["claims"] = check_claims(metrics)
-    plot_accuracy_vs_macs(metrics, out / "accuracy_vs_macs.png")
-    plot_patches(model, test_set, runtime, out / "patches.png")
-    model.metrics = {key: metrics[key] for key in ("gfnet", "random_policy", "static_baseline")}
-    save_checkpoint(model, out / "model.pt", run_config=to_dict(config))
-    metrics.update(config=to_dict(config), stage_seconds=seconds, seconds=time.time() - began)
+    with phases("figures"):
+        plot_accuracy_vs_macs(metrics, out / "accuracy_vs_macs.png")
+        plot_patches(model, test_set, out / "patches.png")
+    _save_gfnet(model, metrics, out / "model.pt", config)
+    metrics.update(config=to_dict(config), threads=threads, stage_seconds=phases.wall,
+                   stage_cpu_seconds=phases.cpu, seconds=time.time() - began)
+    log.info("demo: %s", phases.describe())
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def use_threads(threads: Optional[int] = None) -> int:
+    """Set torch's CPU threads to `threads` (None: every core this process may use)."""
+    if threads is None:
+        threads = usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+    busy = _load_average()
+    if threads > 1 and busy is not None and busy > usable_cpus():
+        # measured on a shared 2-core machine: a stage-1 step took 10.8 s with 2 threads and
+        # 3.3 s with 1, as each parallel region waits for a thread that another job holds
+        log.warning("demo: the machine is busy (load average %.1f on %d cores): %d threads may "
+                    "wait on each other; if steps are slow, try --threads 1", busy, usable_cpus(),
+                    threads)
+    return threads
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
+class PhaseClock:
+    """Wall and process CPU seconds per named phase (CPU time sums every thread's, so on a
+    machine shared with other work it shows what wall time cannot)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.time(), time.process_time()
+        yield  # a phase that raises is not recorded
+        self.wall[name] = self.wall.get(name, 0.0) + time.time() - wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+        log.info("demo: %s took %.0f s (CPU %.0f s)", name, self.wall[name], self.cpu[name])
+
+    def describe(self) -> str:
+        return "time per phase (wall / CPU seconds): " + ", ".join(
+            f"{name} {self.wall[name]:.0f} / {self.cpu[name]:.0f}" for name in self.wall)
+
+
+def _save_gfnet(model, metrics: dict, path: Path, config) -> None:
+    model.metrics = {key: metrics[key] for key in ("gfnet", "random_policy", "static_baseline")
+                     if key in metrics}
+    save_checkpoint(model, path, run_config=to_dict(config))
 
 
 def measure_gfnet(model, test_set, runtime, batch_size: int, seed: int) -> dict:
@@ -209,7 +290,7 @@ def plot_accuracy_vs_macs(metrics: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_patches(model, dataset, runtime, path: Path, count: int = PATCH_EXAMPLES) -> None:
+def plot_patches(model, dataset, path: Path, count: int = PATCH_EXAMPLES) -> None:
     """Test canvases with the true digit box (green, dashed) and boxes numbered by step, as
     `predict --visualize` numbers them: 1 the glance (the whole canvas), 2.. the focus patches
     the policy chose."""
@@ -217,7 +298,7 @@ def plot_patches(model, dataset, runtime, path: Path, count: int = PATCH_EXAMPLE
     from matplotlib.patches import Rectangle
 
     items = [dataset[i] for i in range(count)]
-    images = torch.stack([item[0] for item in items]).to(runtime.device)
+    images = torch.stack([item[0] for item in items]).to(next(model.parameters()).device)
     model.eval()
     out = model(images)
     predictions = out.logits.argmax(-1).cpu()

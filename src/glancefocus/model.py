@@ -250,17 +250,17 @@ def create_model(arch: str, num_classes: Optional[int] = None, patch_size: Optio
                  image_size: Optional[int] = None, **overrides) -> GlanceFocusNet:
     """A GFNet for `arch`: a preset name (the authors' configurations, 'demo') or any timm CNN.
 
-    Unset arguments take the preset's values (or ModelConfig's defaults: 1000 classes, P 96,
-    T 5). `image_size`, if given, is only checked against the patch size: the model takes any
+    Unset arguments take the preset's values (or ModelConfig's defaults: P 96, T 5); the class
+    count defaults to the demo's 10 for 'demo', else ImageNet's 1000. `image_size`, if given, is only checked against the patch size: the model takes any
     input at least P x P, square or not.
     """
-    from .presets import default_model_section, model_config_for
+    from .presets import default_model_section, default_num_classes, model_config_for
 
     fields = dict(overrides, pretrained=pretrained)
     if num_classes is not None:
         fields["num_classes"] = num_classes
     elif "num_classes" not in default_model_section(arch):
-        fields["num_classes"] = 1000  # ImageNet's, as the authors' models
+        fields["num_classes"] = default_num_classes(arch)
     if patch_size is not None:
         fields["patch_size"] = patch_size
     if max_steps is not None:

@@ -92,7 +92,9 @@ PRESETS: dict[str, dict] = {
                                  _imagenet_data(300, 0.904, "bicubic"), 30, "ra2_in1k", 0.3),
     # the built-in demo: cluttered MNIST (canvas 100, 8 fragments), a 5-conv CNN, P 32, T 3
     "demo": {
-        "model": dict(arch="demo_cnn", num_classes=10, in_chans=1, patch_size=32, max_steps=3,
+        # no num_classes: the data gives it (10 for cluttered MNIST), so `--preset demo` also
+        # trains on a folder of images
+        "model": dict(arch="demo_cnn", in_chans=1, patch_size=32, max_steps=3,
                       classifier="recurrent", classifier_hidden=128, policy_encoder="conv",
                       policy_hidden=128, glance_interpolation="bilinear", glance_antialias=True),
         "data": dict(dataset="cluttered-mnist", image_size=100, canvas_size=100, num_clutter=8,
@@ -109,6 +111,7 @@ PRESETS: dict[str, dict] = {
             "stage1": dict(epochs=8, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
             "stage2": dict(epochs=1, updates=800, ppo_lr=3e-4),
+            "static_epochs": 4,
             "stage3": dict(epochs=5, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
             # `glancefocus demo --recipe one-stage`: the focus steps on half of each batch (the
@@ -172,6 +175,17 @@ def get_preset(name: str) -> dict:
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}'; presets: {', '.join(preset_names())}")
     return copy.deepcopy(PRESETS[name])
+
+
+DEMO_CLASSES = 10
+"""The built-in demo's data (cluttered MNIST) has ten classes, the digits."""
+IMAGENET_CLASSES = 1000
+
+
+def default_num_classes(arch: str) -> int:
+    """The class count of a model built outside training when neither the caller nor the preset
+    gives one (training reads it from the data): the demo's 10 digits, else ImageNet's 1000."""
+    return DEMO_CLASSES if arch == "demo" else IMAGENET_CLASSES
 
 
 def default_model_section(arch: str) -> dict:

@@ -24,6 +24,10 @@ def build_datasets(config, channels: int):
         evaluation = ImageFolderDataset(config.root, "val", config, train=False, channels=channels,
                                         classes=train.classes)
     elif config.dataset == "cluttered-mnist":
+        if config.root:  # e.g. `--preset demo data.root=FOLDER`: the folder would go unread
+            raise ValueError(f"data.root is set ('{config.root}') but data.dataset is "
+                             "'cluttered-mnist', which draws its own images; add "
+                             "data.dataset=folder to train on the folder")
         train = ClutteredMNIST(config, "train", channels=channels)
         evaluation = ClutteredMNIST(config, "test", channels=channels)
     else:

@@ -42,12 +42,13 @@ def resolve_num_workers(requested: int, device="cpu", local_processes: Optional[
         return 0
     if local_processes is None:  # torchrun names the processes sharing this machine
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(MAX_AUTO_WORKERS, _usable_cpus() // max(local_processes, 1)))
+    return max(1, min(MAX_AUTO_WORKERS, usable_cpus() // max(local_processes, 1)))
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """The CPU cores this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))  # the cores this process may run on (Linux)
+        return len(os.sched_getaffinity(0))  # Linux: honours taskset and cgroup limits
     except AttributeError:
         return os.cpu_count() or 1
 

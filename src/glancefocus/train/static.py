@@ -1,12 +1,16 @@
 """The static baseline: the same CNN as the GFNet's encoders, trained on the whole image at full
-resolution with stage 1's recipe and number of epochs, on the same training data."""
+resolution with stage 1's recipe (for train.static_epochs epochs, by default stage 1's number), on
+the same training data; and its file, static.pt."""
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Sequence
 
 import torch
 
+from ..atomic import atomic_path
+from ..config import DataConfig, ModelConfig, from_dict, to_dict
 from ..encoder import create_backbone
 from .batchnorm import recalibrate_batchnorm
 from .context import DATA_EPOCHS_PER_STAGE
@@ -30,6 +34,7 @@ log = logging.getLogger("glancefocus.train")
 def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = True):
     """A freshly built config.model.arch CNN, trained; returns (backbone, per-epoch metrics)."""
     model_config, stage_config = config.model, config.train.stage1
+    epochs = static_epochs(config)
     seed_everything(derive_seed(config.train.seed, STREAM_INIT, STREAM_STATIC))
     backbone = create_backbone(model_config.arch, num_classes=model_config.num_classes,
                                in_chans=model_config.in_chans, pretrained=model_config.pretrained,
@@ -48,9 +53,9 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     # it if a step runs out of GPU memory
     micro = MicroBatchSize(0 if config.train.micro_batch == AUTO else config.train.micro_batch)
     history = []
-    for epoch in range(stage_config.epochs):
+    for epoch in range(epochs):
         runtime.seed_process(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch)
-        set_cosine_lr(optimizer, epoch, stage_config.epochs, stage_config.warmup_epochs)
+        set_cosine_lr(optimizer, epoch, epochs, stage_config.warmup_epochs)
         backbone.train()
         # the canvases stage 1 saw in this epoch, in the same order
         batches = functools.partial(make_loader, train_set, batch_size, runtime,
@@ -59,17 +64,25 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
         metrics = train_epoch(loss_module, backbone, batches(), optimizer, runtime, guard, steps=1,
                               micro_batch=micro,
                               channels_last=config.train.channels_last, scaler=scaler,
-                              description=f"static baseline epoch {epoch + 1}/{stage_config.epochs}",
+                              description=f"static baseline epoch {epoch + 1}/{epochs}",
                               progress=progress)
         if runtime.is_main:
             log.info("static baseline epoch %d/%d: loss %.4f, train acc %.1f", epoch + 1,
-                     stage_config.epochs, metrics["loss"], metrics["train_accuracy"][0])
+                     epochs, metrics["loss"], metrics["train_accuracy"][0])
         history.append(metrics)
     # as stages 1 and 3 do after each epoch (it is evaluated only at the end)
     recalibrate_batchnorm(backbone, plain_loss, batches(), runtime,
                           channels_last=config.train.channels_last)
     runtime.share_buffers(backbone)
     return backbone, history
+
+
+def static_epochs(config) -> int:
+    """train.static_epochs, or stage 1's epochs when it is 0."""
+    epochs = config.train.static_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"train.static_epochs must be >= 0 (0: stage 1's epochs), got {epochs!r}")
+    return epochs or config.train.stage1.epochs
 
 
 @torch.no_grad()
@@ -89,3 +102,38 @@ def evaluate_static(backbone, dataset, runtime: Runtime, batch_size: int,
         count += labels.shape[0]
     totals = runtime.sum_across_ranks(torch.tensor([correct, count]))
     return float(totals[0] * 100 / max(float(totals[1]), 1.0))
+
+
+STATIC_FORMAT = "glancefocus-static"
+
+
+def save_static_baseline(path, backbone, model_config: ModelConfig, data_config: DataConfig,
+                         class_names: Sequence[str]) -> None:
+    """Write the trained static CNN to `path` atomically: a torch.save'd dict of 'format'
+    ('glancefocus-static'), 'model_config' and 'data_config' (plain dicts of the configs that
+    built and fed it), 'state_dict' (contiguous CPU tensors), 'num_classes' and 'class_names'."""
+    state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
+    payload = {"format": STATIC_FORMAT, "model_config": to_dict(model_config),
+               "data_config": to_dict(data_config), "state_dict": state,
+               "num_classes": int(model_config.num_classes), "class_names": list(class_names)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_static_baseline(path):
+    """The CNN save_static_baseline wrote, in eval mode on the CPU; returns (backbone, payload)."""
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"static baseline file '{path}' does not exist") from None
+    except Exception as exc:  # truncated files, pickles with code, ...
+        raise ValueError(f"cannot read '{path}' as a static baseline file: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != STATIC_FORMAT:
+        raise ValueError(f"'{path}' is not a static baseline file (expected a dict with "
+                         f"format '{STATIC_FORMAT}', as `glancefocus demo` writes DIR/static.pt)")
+    model_config = from_dict(ModelConfig, payload["model_config"], prefix="model.")
+    backbone = create_backbone(model_config.arch, num_classes=payload["num_classes"],
+                               in_chans=model_config.in_chans, pretrained=False,
+                               **model_config.encoder_kwargs)
+    backbone.load_state_dict(payload["state_dict"])
+    return backbone.eval(), payload
