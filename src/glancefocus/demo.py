@@ -2,8 +2,7 @@
 
 It trains a small GFNet (the "demo" preset) in one run (the one-stage recipe, train/one_stage.py;
 with --recipe three-stage in the paper's three stages), trains the static baseline (the same CNN
-on the whole 100 x 100 canvas, with stage 1's settings for train.static_epochs epochs: 4 in the
-preset, where the static step costs about 5 GFNet steps), evaluates both on the 5,000 fixed test
+on the whole 100 x 100 canvas, with stage 1's settings and epochs, or train.static_epochs), evaluates both on the 5,000 fixed test
 canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png, model.pt (the
 trained GFNet with calibrated exits, written as soon as it is ready and again at the end with the
 baseline's numbers) and static.pt (the static baseline, train/static.py's format). It then says
@@ -43,7 +42,7 @@ from .train.static import (
 log = logging.getLogger("glancefocus.demo")
 
 PATCH_EXAMPLES = 12
-EXPECTED_TIME = "15 minutes in float32, 7 with native bf16"
+EXPECTED_TIME = "24 minutes in float32, 9 with native bf16"
 """Estimated from the parts' measured times (docs/results.md), for the log line."""
 
 
@@ -51,7 +50,7 @@ def register(subparsers) -> None:
     from .cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 15 minutes "
+        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 24 minutes "
              "in float32)",
         description="Train a small GFNet on cluttered MNIST (in one run, or in the paper's three "
                     "stages with --recipe three-stage), and the same CNN as a static baseline; "

@@ -111,7 +111,8 @@ PRESETS: dict[str, dict] = {
             "stage1": dict(epochs=8, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
             "stage2": dict(epochs=1, updates=800, ppo_lr=3e-4),
-            "static_epochs": 4,
+            # 4 static epochs (half the time) gave 95.30 % instead of 96.80 %: a weaker
+            # baseline, so it keeps stage 1's 8
             "stage3": dict(epochs=5, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
             # `glancefocus demo --recipe one-stage`: the focus steps on half of each batch (the
