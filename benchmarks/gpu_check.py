@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from glancefocus import exits  # noqa: E402
 from glancefocus.config import load_config  # noqa: E402
-from glancefocus.presets import get_preset  # noqa: E402
+from glancefocus.presets import assumed_num_classes, get_preset  # noqa: E402
 from glancefocus.train.fit import HEADROOM, fit_to_device  # noqa: E402
 from glancefocus.train.memory import KINDS, MemoryCounter  # noqa: E402
 from glancefocus.train.memory_command import training_step  # noqa: E402
@@ -63,8 +63,8 @@ SMOKE = {"preset": "demo", "overrides": ["data.canvas_size=48", "data.image_size
 def config_for(sizes: dict, *overrides):
     config = load_config(None, ["model.pretrained=false", f"train.batch_size={sizes['batch']}",
                                 *sizes["overrides"], *overrides], base=get_preset(sizes["preset"]))
-    if config.model.num_classes is None:
-        config.model.num_classes = 1000
+    if config.model.num_classes is None:  # training reads it from the data
+        config.model.num_classes = assumed_num_classes(config)
     return config
 
 

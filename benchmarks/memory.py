@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 
 from glancefocus.config import load_config
-from glancefocus.presets import get_preset
+from glancefocus.presets import assumed_num_classes, get_preset
 from glancefocus.train.memory import KINDS, SavedTensorCounter  # noqa: F401 - re-exported
 from glancefocus.train.memory_command import AMPS, memory_rows, table_lines
-
-IMAGENET_CLASSES = 1000
 
 
 def main(argv=None) -> dict:
@@ -50,8 +48,8 @@ def main(argv=None) -> dict:
     config = load_config(base=get_preset(args.preset),
                          overrides=["model.pretrained=false", f"train.batch_size={args.batch}",
                                     *args.overrides])
-    if config.model.num_classes is None:  # training reads it from the data; here: ImageNet's
-        config.model.num_classes = IMAGENET_CLASSES
+    if config.model.num_classes is None:  # training reads it from the data
+        config.model.num_classes = assumed_num_classes(config)
     cuda = torch.cuda.is_available() and not args.no_cuda
     rows = memory_rows(config, micro_batches, amps, args.stages.split(","), measure=cuda)
     result = {"rows": rows, "settings": {

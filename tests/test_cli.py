@@ -74,11 +74,14 @@ def test_own_warnings_print_as_one_line(monkeypatch, capsys):
     assert err[0].startswith("glancefocus presets: warning: the budget of 9 MACs per image is above")
 
 
-def test_macs_of_a_transformer_says_the_encoder_must_be_a_cnn(capsys):
-    """A ViT has no spatial feature map: a one-line error, not a traceback."""
-    assert main(["macs", "--arch", "vit_tiny_patch16_224"]) == 2
+def test_macs_of_a_transformer_counts_it_or_says_why_not(capsys):
+    """A ViT is counted (attention included); a patch size its patches cannot tile is a one-line
+    error, not a traceback."""
+    assert main(["macs", "--arch", "vit_tiny_patch16_224", "--patch-size", "96"]) == 0
+    assert "208,028,160" in capsys.readouterr().out
+    assert main(["macs", "--arch", "vit_tiny_patch16_224", "--patch-size", "100"]) == 2
     err = capsys.readouterr().err
-    assert "CNN" in err
+    assert "do not tile a 100x100 input" in err
     assert err.startswith("glancefocus macs: error:") and err.count("\n") == 1
     assert "Traceback" not in err
 

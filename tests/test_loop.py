@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -82,7 +84,7 @@ def test_automatic_worker_count():
 def test_ppo_statistics_measure_the_update(tmp_path):
     config = tiny_config(tmp_path, "train.stage2.ppo_epochs=1", "train.stage2.ppo_lr=0.01")
     torch.manual_seed(0)
-    model = GlanceFocusNet(config.model).eval()
+    model = GlanceFocusNet(replace(config.model, num_classes=10)).eval()
     model.requires_grad_(False)
     model.policy.requires_grad_(True)
     stage = config.train.stage2
@@ -116,7 +118,7 @@ class _Batches:
 def _tiny_training(tmp_path):
     config = tiny_config(tmp_path)
     torch.manual_seed(0)
-    model = GlanceFocusNet(config.model)
+    model = GlanceFocusNet(replace(config.model, num_classes=10))
     loss = GlanceFocusLoss(model, 1.0, random_locations=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = (torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,)), torch.zeros(8, 4))
@@ -169,7 +171,7 @@ def test_stage2_rollout_is_evaluated_by_ppos_first_pass_as_before_it(tmp_path):
     policy's log-probabilities and values to the bit (as a pass before the update did)."""
     config = tiny_config(tmp_path)
     torch.manual_seed(0)
-    model = GlanceFocusNet(config.model).eval()
+    model = GlanceFocusNet(replace(config.model, num_classes=10)).eval()
     model.requires_grad_(False)
     model.policy.requires_grad_(True)
     images, labels = torch.randn(6, 1, 48, 48), torch.randint(0, 10, (6,))

@@ -4,7 +4,8 @@ import torch
 from glancefocus import GlanceFocusNet, create_model, preset_names
 from glancefocus.config import ConfigError
 
-AUTHORS_PRESETS = [name for name in preset_names() if name != "demo"]
+# the demo presets read 1-channel canvases; every other preset RGB images
+AUTHORS_PRESETS = [name for name in preset_names() if not name.startswith("demo")]
 
 
 @pytest.mark.parametrize("name", AUTHORS_PRESETS)
@@ -23,8 +24,9 @@ def test_every_preset_builds_and_runs_at_a_small_input(name):
     assert (out.boxes[1:, :, 2] - out.boxes[1:, :, 0] == 64).all()
 
 
-def test_demo_model_shapes_non_square_and_training_mode():
-    model = create_model("demo")
+@pytest.mark.parametrize("name", ["demo", "demo_vit"])
+def test_demo_model_shapes_non_square_and_training_mode(name):
+    model = create_model(name)
     out = model(torch.randn(3, 1, 100, 60))
     assert out.logits.shape == (3, 3, 10)
     assert out.locations.requires_grad is False

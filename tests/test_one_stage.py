@@ -3,6 +3,7 @@ is updated during the run, resume is exact, two processes agree, and its model i
 any other."""
 import math
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,7 +67,7 @@ def test_the_policy_moves_and_everything_else_trains(tmp_path):
     from glancefocus.train.runtime import STREAM_INIT, derive_seed, seed_everything
 
     seed_everything(derive_seed(config.train.seed, STREAM_INIT, ONE_STAGE))
-    before = GlanceFocusNet(config.model).state_dict()
+    before = GlanceFocusNet(replace(config.model, num_classes=10)).state_dict()
     train(config, progress=False)
     after = weights(tmp_path / "one-stage" / "last.pt")
     for part in ("policy.", "glance_encoder.", "focus_encoder.", "classifier."):

@@ -185,8 +185,16 @@ IMAGENET_CLASSES = 1000
 
 def default_num_classes(arch: str) -> int:
     """The class count of a model built outside training when neither the caller nor the preset
-    gives one (training reads it from the data): the demo's 10 digits, else ImageNet's 1000."""
-    return DEMO_CLASSES if arch == "demo" else IMAGENET_CLASSES
+    gives one (training reads it from the data): the demo presets' 10 digits, else ImageNet's
+    1000."""
+    on_digits = arch in PRESETS and PRESETS[arch]["data"].get("dataset") == "cluttered-mnist"
+    return DEMO_CLASSES if on_digits else IMAGENET_CLASSES
+
+
+def assumed_num_classes(config) -> int:
+    """The class count to assume where no data is read (memory estimates, benchmarks): the
+    digits' 10 for cluttered MNIST, else ImageNet's 1000."""
+    return DEMO_CLASSES if config.data.dataset == "cluttered-mnist" else IMAGENET_CLASSES
 
 
 def default_model_section(arch: str) -> dict:

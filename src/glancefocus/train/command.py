@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, deep_merge, load_config, read_config_file
-from ..presets import get_preset
+from ..presets import assumed_num_classes, get_preset
 
 
 def register(subparsers) -> None:
@@ -185,10 +185,11 @@ def describe_recipe(config: RunConfig) -> str:
     except (ValueError, OSError) as exc:
         note = f"# the data could not be read, so its sizes are not shown: {exc}\n"
         if config.model.num_classes is None:
-            note += (f"# memory estimated for {ASSUMED_CLASSES} classes (set model.num_classes "
+            classes_assumed = assumed_num_classes(config)
+            note += (f"# memory estimated for {classes_assumed} classes (set model.num_classes "
                      "for yours)\n")
             config = dataclasses.replace(config, model=dataclasses.replace(
-                config.model, num_classes=ASSUMED_CLASSES))
+                config.model, num_classes=classes_assumed))
         config, memory = _fitted(config)
         return yaml.safe_dump(to_dict(config), sort_keys=False) + note + memory
     config = with_ppo_updates(with_class_count(config, classes), len(train_set))
@@ -227,9 +228,6 @@ def describe_recipe(config: RunConfig) -> str:
             f"{config.train.stage3.epochs * steps_per_epoch} SGD steps"]
     return text + "# on this data:\n" + "".join(f"#   {line}\n" for line in lines) + memory
 
-
-ASSUMED_CLASSES = 1000
-"""--print-config without readable data: the class count its memory estimate assumes."""
 
 
 def _fitted(config: RunConfig) -> tuple[RunConfig, str]:

@@ -187,13 +187,14 @@ def register(subparsers) -> None:
 def _cmd_memory(args) -> int:
     import dataclasses
 
-    from .command import ASSUMED_CLASSES, resolve_config
+    from ..presets import assumed_num_classes
+    from .command import resolve_config
 
     preset = args.preset or (None if args.config else "resnet50")
     config = resolve_config(args.config, preset, args.overrides)
     if config.model.num_classes is None:
         config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, num_classes=ASSUMED_CLASSES))
+            config.model, num_classes=assumed_num_classes(config)))
     batch = config.train.batch_size
     if args.micro_batches:
         micro_batches = [int(m) for m in args.micro_batches.split(",")]

@@ -96,6 +96,43 @@ def train(config: RunConfig, stages: Optional[Sequence[int]] = None, resume: boo
 LOG_FILE = "train.log"
 
 
+class _RunLogHandler(logging.Handler):
+    """Appends to RUN/train.log once the run has written its folder, with what came before;
+    a run that stops before writing anything (a bad setting) leaves no folder behind."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.waiting: list[str] = []
+        self.file = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self.file is None and not self._open():
+                self.waiting.append(line)
+                return
+            self.file.write(line)
+            self.file.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _open(self) -> bool:
+        if not self.path.parent.is_dir():
+            return False
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.file.writelines(self.waiting)
+        self.waiting = []
+        return True
+
+    def close(self) -> None:
+        if self.file is None and self.waiting:
+            self._open()
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
 @contextlib.contextmanager
 def run_log(out_dir, is_main: bool):
     """RUN/train.log: the run's log as the console shows it (warnings included, Python's
@@ -103,8 +140,7 @@ def run_log(out_dir, is_main: bool):
     if not is_main:
         yield
         return
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(out_dir) / LOG_FILE, encoding="utf-8")
+    handler = _RunLogHandler(Path(out_dir) / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     package = logging.getLogger("glancefocus")
     package.addHandler(handler)
