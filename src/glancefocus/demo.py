@@ -42,7 +42,7 @@ from .train.static import (
 log = logging.getLogger("glancefocus.demo")
 
 PATCH_EXAMPLES = 12
-EXPECTED_TIME = "24 minutes in float32, 9 with native bf16"
+EXPECTED_TIME = "22 minutes in float32, 9 with native bf16"
 """Estimated from the parts' measured times (docs/results.md), for the log line."""
 
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     from .cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 24 minutes "
+        "demo", help="train and measure a GFNet on cluttered MNIST (2 CPU cores: about 22 minutes "
              "in float32)",
         description="Train a small GFNet on cluttered MNIST (in one run, or in the paper's three "
                     "stages with --recipe three-stage), and the same CNN as a static baseline; "
