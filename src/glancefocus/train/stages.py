@@ -27,6 +27,7 @@ from ..model import GlanceFocusNet
 from .context import StageRun
 from .faults import MicroBatchSize
 from .fit import HEADROOM, agree_across_ranks, fit_to_device, needs_fitting
+from .loaders import first_items
 from .optim import describe_training
 from .policy_stage import run_policy_stage
 from .runtime import (
@@ -81,12 +82,16 @@ def train(config: RunConfig, stages: Optional[Sequence[int]] = None, resume: boo
     train_set, eval_set, classes = datasets or build_datasets(config.data, config.model.in_chans)
     config = with_ppo_updates(with_class_count(config, classes), len(train_set),
                               int(os.environ.get("WORLD_SIZE", "1")))
+    evaluated = first_items(eval_set, config.train.eval_images, "train.eval_images")
     runtime = start_runtime(config.train.device, config.train.amp)
     # SIGINT / SIGTERM only raise a flag: the stages save and raise TrainingInterrupted
     with stop_on_signals() as stop_flag, run_log(out_dir, runtime.is_main):
         try:
+            if len(evaluated) < len(eval_set) and runtime.is_main:
+                log.info("each epoch is scored on the first %d of the %d evaluation images "
+                         "(train.eval_images)", len(evaluated), len(eval_set))
             config, choice = fit_run(config, stages, runtime)
-            return _train_stages(config, stages, resume, init, (train_set, eval_set, classes),
+            return _train_stages(config, stages, resume, init, (train_set, evaluated, classes),
                                  progress, save_every, trust_pickle, on_checkpoint, runtime,
                                  stop_flag, choice)
         finally:
