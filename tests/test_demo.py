@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     # the default recipe; the class count comes from the data, not from the preset
     assert metrics["config"]["train"]["recipe"] == "one-stage"
     assert metrics["config"]["model"]["num_classes"] == 10 and metrics["threads"] == 1
-    assert static["epochs"] == 1
+    assert static["epochs"] == 1 and static["network"] == "CNN" and metrics["preset"] == "demo"
     assert set(metrics["stage_seconds"]) == set(metrics["stage_cpu_seconds"]) >= {
         "gfnet_training", "static_training"}
     assert set(metrics["claims"]) == {"first_focus_hit_rate", "policy_beats_random",
@@ -110,3 +110,23 @@ def test_demo_three_stage_recipe(tmp_path, capsys):
     assert (tmp_path / "run" / "stage3" / "last.pt").is_file()
     assert not (tmp_path / "run" / "one-stage").exists()
     assert len(metrics["gfnet"]["hit_rate"]) == 2 and len(metrics["budgeted"]["macs"]) == 39
+
+
+def test_demo_with_the_vit_preset(tmp_path, capsys, caplog):
+    """`--preset demo_vit`: the same demo and claims with a ViT as the encoders and as the static
+    baseline, whose static.pt loads back (a ViT is built for its input size)."""
+    caplog.set_level("INFO", logger="glancefocus.demo")
+    assert main(["demo", "--preset", "demo_vit", "--out", str(tmp_path), "--no-progress",
+                 "--threads", "1", *SMALL, "model.encoder_kwargs={depth: 1}"]) == 0
+    printed = capsys.readouterr().out
+    assert "static ViT on the whole canvas" in printed and "claims:" in printed
+    started = next(r.getMessage() for r in caplog.records if "output in" in r.getMessage())
+    assert "preset demo_vit (demo_vit encoders)" in started and "time not measured" in started
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["preset"] == "demo_vit" and metrics["config"]["model"]["arch"] == "demo_vit"
+    assert metrics["config"]["train"]["one_stage"]["optimizer"] == "adamw"
+    assert metrics["static_baseline"]["network"] == "ViT" and len(metrics["claims"]) == 4
+    assert load_checkpoint(tmp_path / "model.pt").config.arch == "demo_vit"
+    backbone, _ = load_static_baseline(tmp_path / "static.pt")
+    accuracy = evaluate_static(backbone, _test_set(metrics), start_runtime("cpu"), 32)
+    assert abs(accuracy - metrics["static_baseline"]["accuracy"]) <= 100 / 64 + 1e-9

@@ -145,3 +145,20 @@ def test_a_vit_counts_its_attention():
     block = tokens * (dim * 3 * dim + dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
     assert model.macs()["encoder"] == patch_embed + depth * block
     assert model.state_shape == (dim, 6, 6)
+
+
+def test_a_vit_counts_the_same_on_every_attention_path():
+    """Attention runs the CPU's fused kernel on real tensors, and its math path (matrix products
+    and a masked-row-safe softmax) on the meta device, where training estimates its memory, or
+    when asked for: the same count on each."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def encoder_count():
+        return create_model("demo_vit", num_classes=10, encoder_kwargs=dict(depth=1)).macs()["encoder"]
+
+    fused = encoder_count()
+    with torch.device("meta"):
+        assert encoder_count() == fused
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert encoder_count() == fused

@@ -61,8 +61,8 @@ def register(subparsers) -> None:
                               "modules: per encoder, policy and classifier, and of running 1..T "
                               "steps (step 1 = the glance).", formatter_class=HelpFormatter)
     p.add_argument("--arch", required=True,
-                   help="a preset (e.g. resnet50) or any timm CNN name (the encoder must be a CNN "
-                        "with a spatial feature map)")
+                   help="a preset (e.g. resnet50, demo_vit) or a timm network name: a CNN with a "
+                        "spatial feature map or a vision transformer (ViT, DeiT, Swin)")
     p.add_argument("--patch-size", type=int, default=None, metavar="P",
                    help="patch side P in pixels (default: the preset's, else 96)")
     p.add_argument("--steps", type=int, default=None, metavar="T",

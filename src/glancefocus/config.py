@@ -210,7 +210,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     """Non-finite losses tolerated (each skipped) before a run stops with an error."""
     static_epochs: int = 0
-    """Epochs of the static baseline (`glancefocus demo`: the same CNN on the whole image, with
+    """Epochs of the static baseline (`glancefocus demo`: the same encoder network on the whole image, with
     stage 1's other settings); 0 means stage 1's epochs."""
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))

@@ -43,7 +43,9 @@ NEGLIGIBLE = frozenset({
     # (BatchNorm is counted by channels, the authors' rule, below)
     "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
     "batch_norm", "native_layer_norm", "layer_norm", "native_group_norm", "group_norm",
-    "_softmax", "softmax", "_log_softmax", "log_softmax",
+    # (_safe_softmax: the softmax of attention's math path, which runs off the CPU's and GPU's
+    # fused kernels, e.g. on the meta device of the memory estimate)
+    "_softmax", "softmax", "_safe_softmax", "_log_softmax", "log_softmax",
     "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
     "_adaptive_avg_pool2d", "adaptive_max_pool2d", "mean", "sum", "amax", "amin", "max", "min",
     "var", "var_mean", "std", "std_mean", "linalg_vector_norm", "norm", "cumsum", "argmax",

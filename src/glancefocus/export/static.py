@@ -1,4 +1,4 @@
-"""Export a static CNN (the demo's baseline, or any classifier with random weights for
+"""Export a static network (the demo's baseline, or any classifier with random weights for
 measuring) as a one-step model: the same manifest and runtime as a GFNet, with no exits, so
 that it is served and measured the same way.
 
@@ -54,7 +54,7 @@ def is_static_checkpoint(path: Union[str, Path]) -> Optional[dict]:
 
 def load_static(content: dict, source: str = "static checkpoint") -> tuple:
     """(backbone, ModelConfig, DataConfig, class names) from a static checkpoint's dict."""
-    from ..encoder import create_backbone
+    from ..train.static import build_static_backbone
 
     missing = [k for k in ("model_config", "data_config", "state_dict", "num_classes")
                if k not in content]
@@ -65,9 +65,8 @@ def load_static(content: dict, source: str = "static checkpoint") -> tuple:
     data = dict(content["data_config"])
     data.pop("root", None)
     data_config = from_dict(DataConfig, data, prefix="data_config.")
-    backbone = create_backbone(model_config.arch, num_classes=int(content["num_classes"]),
-                               in_chans=model_config.in_chans, pretrained=False,
-                               **model_config.encoder_kwargs)
+    backbone = build_static_backbone(model_config, int(content["num_classes"]),
+                                     data_config.image_size)
     backbone.load_state_dict(content["state_dict"])
     return backbone, model_config, data_config, content.get("class_names")
 

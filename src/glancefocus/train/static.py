@@ -1,4 +1,4 @@
-"""The static baseline: the same CNN as the GFNet's encoders, trained on the whole image at full
+"""The static baseline: the same network as the GFNet's encoders, trained on the whole image at full
 resolution with stage 1's recipe (for train.static_epochs epochs, by default stage 1's number), on
 the same training data; and its file, static.pt."""
 from __future__ import annotations
@@ -32,15 +32,13 @@ log = logging.getLogger("glancefocus.train")
 
 
 def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = True):
-    """A freshly built config.model.arch CNN, trained; returns (backbone, per-epoch metrics)."""
+    """A freshly built config.model.arch network, trained; returns (backbone, per-epoch metrics)."""
     model_config, stage_config = config.model, config.train.stage1
     epochs = static_epochs(config)
     seed_everything(derive_seed(config.train.seed, STREAM_INIT, STREAM_STATIC))
-    backbone = create_backbone(model_config.arch, num_classes=model_config.num_classes,
-                               in_chans=model_config.in_chans, pretrained=model_config.pretrained,
-                               pretrained_tag=model_config.pretrained_tag,
-                               input_size=config.data.image_size,
-                               **model_config.encoder_kwargs).to(runtime.device)
+    backbone = build_static_backbone(model_config, model_config.num_classes,
+                                     config.data.image_size,
+                                     pretrained=model_config.pretrained).to(runtime.device)
     if config.train.channels_last:
         backbone.to(memory_format=torch.channels_last)
     optimizer = sgd([(list(backbone.parameters()), stage_config.backbone_lr)], stage_config)
@@ -77,6 +75,17 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     return backbone, history
 
 
+def build_static_backbone(model_config: ModelConfig, num_classes: int, image_size: int,
+                          pretrained=False):
+    """The static network: model.arch with a `num_classes` head, set to image_size x image_size
+    inputs (a ViT's position embeddings are made for that grid, so a saved one loads only into
+    a network built at the same size)."""
+    return create_backbone(model_config.arch, num_classes=num_classes,
+                           in_chans=model_config.in_chans, pretrained=pretrained,
+                           pretrained_tag=model_config.pretrained_tag, input_size=image_size,
+                           **model_config.encoder_kwargs)
+
+
 def static_epochs(config) -> int:
     """train.static_epochs, or stage 1's epochs when it is 0."""
     epochs = config.train.static_epochs
@@ -109,7 +118,7 @@ STATIC_FORMAT = "glancefocus-static"
 
 def save_static_baseline(path, backbone, model_config: ModelConfig, data_config: DataConfig,
                          class_names: Sequence[str]) -> None:
-    """Write the trained static CNN to `path` atomically: a torch.save'd dict of 'format'
+    """Write the trained static network to `path` atomically: a torch.save'd dict of 'format'
     ('glancefocus-static'), 'model_config' and 'data_config' (plain dicts of the configs that
     built and fed it), 'state_dict' (contiguous CPU tensors), 'num_classes' and 'class_names'."""
     state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
@@ -121,7 +130,7 @@ def save_static_baseline(path, backbone, model_config: ModelConfig, data_config:
 
 
 def load_static_baseline(path):
-    """The CNN save_static_baseline wrote, in eval mode on the CPU; returns (backbone, payload)."""
+    """The network save_static_baseline wrote, in eval mode on the CPU; returns (backbone, payload)."""
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -132,8 +141,7 @@ def load_static_baseline(path):
         raise ValueError(f"'{path}' is not a static baseline file (expected a dict with "
                          f"format '{STATIC_FORMAT}', as `glancefocus demo` writes DIR/static.pt)")
     model_config = from_dict(ModelConfig, payload["model_config"], prefix="model.")
-    backbone = create_backbone(model_config.arch, num_classes=payload["num_classes"],
-                               in_chans=model_config.in_chans, pretrained=False,
-                               **model_config.encoder_kwargs)
+    backbone = build_static_backbone(model_config, payload["num_classes"],
+                                     int(payload["data_config"]["image_size"]))
     backbone.load_state_dict(payload["state_dict"])
     return backbone.eval(), payload
