@@ -19,7 +19,7 @@ SMALL = ["data.canvas_size=48", "data.image_size=48", "model.patch_size=16", "da
          "data.train_canvases=96", "data.test_canvases=64", "train.batch_size=32",
          "model.classifier_hidden=32", "model.policy_hidden=32", "train.stage1.epochs=1",
          "train.stage2.updates=2", "train.stage3.epochs=1", "train.one_stage.epochs=1",
-         "train.static_epochs=1"]
+         "train.static_epochs=1", "train.static_batch_size=16"]
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -41,7 +41,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     # the default recipe; the class count comes from the data, not from the preset
     assert metrics["config"]["train"]["recipe"] == "one-stage"
     assert metrics["config"]["model"]["num_classes"] == 10 and metrics["threads"] == 1
-    assert static["epochs"] == 1 and static["network"] == "CNN" and metrics["preset"] == "demo"
+    assert static["epochs"] == 1 and static["batch_size"] == 16
+    assert static["network"] == "CNN" and metrics["preset"] == "demo"
     assert set(metrics["stage_seconds"]) == set(metrics["stage_cpu_seconds"]) >= {
         "gfnet_training", "static_training"}
     assert set(metrics["claims"]) == {"first_focus_hit_rate", "policy_beats_random",

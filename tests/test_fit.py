@@ -21,16 +21,23 @@ from glancefocus.train.supervised import train_epoch
 GB = 1e9
 
 
+@pytest.fixture
+def float32_cpu(monkeypatch):
+    """A CPU without native bf16 (train.amp=auto means float32 there): the machine running the
+    tests may have AVX512-BF16 or AMX, which would make 'auto' pick bf16."""
+    monkeypatch.setattr("glancefocus.train.runtime.native_bf16", lambda device: False)
+
+
 def resnet50(*overrides):
     return load_config(None, ["model.pretrained=false", "model.num_classes=1000", *overrides],
                        base=get_preset("resnet50"))
 
 
 @pytest.mark.parametrize("budget, micro", [(8, 64), (15, 128), (80, 256)])
-def test_resnet50_takes_the_largest_micro_batch_that_fits(budget, micro):
+def test_resnet50_takes_the_largest_micro_batch_that_fits(budget, micro, float32_cpu):
     config, choice = fit_to_device(resnet50(f"train.memory_budget={budget}GB"), "cpu")
     assert choice.budget == budget * GB and choice.fits
-    assert (config.train.micro_batch, config.train.amp) == (micro, "none")  # no native bf16 here
+    assert (config.train.micro_batch, config.train.amp) == (micro, "none")
     assert not config.train.activation_checkpointing and config.train.batch_size == 256
     assert choice.largest_estimate <= HEADROOM * budget * GB
     if micro < 256:  # the next larger one does not fit: the largest, not the smallest
@@ -78,7 +85,14 @@ def test_memory_budget_sizes():
             parse_bytes(bad)
 
 
-def test_print_config_shows_the_resolved_values(capsys):
+def test_native_bf16_takes_bf16_and_a_micro_batch_at_least_as_large(monkeypatch):
+    monkeypatch.setattr("glancefocus.train.runtime.native_bf16", lambda device: True)
+    config, choice = fit_to_device(resnet50("train.memory_budget=8GB"), "cpu")
+    assert config.train.amp == "bf16" and choice.fits and config.train.micro_batch >= 64
+    assert choice.largest_estimate <= HEADROOM * 8 * GB
+
+
+def test_print_config_shows_the_resolved_values(capsys, float32_cpu):
     status = main(["train", "--preset", "resnet50", "train.memory_budget=15GB",
                    "model.pretrained=false", "--print-config"])
     out = capsys.readouterr().out

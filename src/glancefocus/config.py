@@ -210,8 +210,10 @@ class TrainConfig:
     max_nonfinite: int = 10
     """Non-finite losses tolerated (each skipped) before a run stops with an error."""
     static_epochs: int = 0
-    """Epochs of the static baseline (`glancefocus demo`: the same encoder network on the whole image, with
-    stage 1's other settings); 0 means stage 1's epochs."""
+    """Epochs of the static baseline (`glancefocus demo`: the same encoder network on the whole
+    image, with stage 1's other settings); 0 means stage 1's epochs."""
+    static_batch_size: int = 0
+    """The static baseline's batch size; 0 means train.batch_size."""
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(classifier_lr=0.01))

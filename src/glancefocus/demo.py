@@ -36,6 +36,7 @@ from .train.state import final_checkpoint
 from .train.static import (
     evaluate_static,
     save_static_baseline,
+    static_batch_size,
     static_epochs,
     train_static_baseline,
 )
@@ -154,6 +155,7 @@ def run_demo(out_dir, overrides=(), progress: bool = True, threads: Optional[int
                                     config.model.in_chans)
     metrics["static_baseline"] = {"accuracy": static_accuracy, "macs": static_macs,
                                   "epochs": static_epochs(config),
+                                  "batch_size": static_batch_size(config),
                                   "network": NETWORK_NAMES.get(config.model.arch,
                                                                config.model.arch)}
     metrics["claims"] = check_claims(metrics)

@@ -1,6 +1,7 @@
 """The static baseline: the same network as the GFNet's encoders, trained on the whole image at full
-resolution with stage 1's recipe (for train.static_epochs epochs, by default stage 1's number), on
-the same training data; and its file, static.pt."""
+resolution with stage 1's recipe (for train.static_epochs epochs at train.static_batch_size, by
+default stage 1's number and the run's batch size), on the same training data; and its file,
+static.pt."""
 from __future__ import annotations
 
 import functools
@@ -45,11 +46,15 @@ def train_static_baseline(config, train_set, runtime: Runtime, progress: bool = 
     plain_loss = StaticLoss(backbone)
     loss_module = runtime.wrap(plain_loss)
     guard = NonFiniteGuard(config.train.max_nonfinite)
-    batch_size = per_process_batch(config.train.batch_size, runtime)
+    batch_size = per_process_batch(static_batch_size(config), runtime)
     scaler = runtime.grad_scaler()
     # 'auto' fits the GFNet's step; the static baseline starts with the whole batch and halves
     # it if a step runs out of GPU memory
     micro = MicroBatchSize(0 if config.train.micro_batch == AUTO else config.train.micro_batch)
+    if runtime.is_main:
+        log.info("static baseline: %s on the whole %d x %d image, %d epochs at batch %d",
+                 model_config.arch, config.data.image_size, config.data.image_size, epochs,
+                 static_batch_size(config))
     history = []
     for epoch in range(epochs):
         runtime.seed_process(config.train.seed, STREAM_GLOBAL, STREAM_STATIC, epoch)
@@ -92,6 +97,14 @@ def static_epochs(config) -> int:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"train.static_epochs must be >= 0 (0: stage 1's epochs), got {epochs!r}")
     return epochs or config.train.stage1.epochs
+
+
+def static_batch_size(config) -> int:
+    """train.static_batch_size, or train.batch_size when it is 0."""
+    size = config.train.static_batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"train.static_batch_size must be >= 0 (0: train.batch_size), got {size!r}")
+    return size or config.train.batch_size
 
 
 @torch.no_grad()
