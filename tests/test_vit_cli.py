@@ -105,3 +105,16 @@ def test_predict_export_and_predict_exported(vit_run, capsys):
         first, second = (entry["probability"] for entry in ours["top_k"])
         if first - second > 2 * CONFIDENCE_TOLERANCE:
             assert ours["label"] == theirs["label"]
+
+
+def test_a_static_vit_exported_at_another_size_is_refused_clearly(tmp_path):
+    from glancefocus.config import ModelConfig
+    from glancefocus.export import ExportError, export_static_onnx
+    from glancefocus.train.static import build_static_backbone
+
+    data = DataConfig(**{**get_preset("demo_vit")["data"], "image_size": 32, "canvas_size": 32})
+    model = ModelConfig(**{**get_preset("demo_vit")["model"], "encoder_kwargs": {"depth": 1}})
+    backbone = build_static_backbone(model, 10, 32)
+    with pytest.raises(ExportError, match="trained on 32 x 32 images and cannot take 48 x 48"):
+        export_static_onnx(backbone, data, 1, tmp_path / "onnx", "demo_vit", image_size=48)
+    assert not (tmp_path / "onnx" / "manifest.json").exists()

@@ -2,12 +2,13 @@
 
 It trains a small GFNet (the "demo" preset, a small CNN as its encoders; --preset demo_vit: a
 small ViT) in one run (the one-stage recipe, train/one_stage.py; with --recipe three-stage in the
-paper's three stages), trains the static baseline (the same encoder network on the whole
-100 x 100 canvas, with stage 1's settings and epochs, or train.static_epochs), evaluates both on
-the 5,000 fixed test canvases and writes to DIR: metrics.json, accuracy_vs_macs.png, patches.png, model.pt (the
-trained GFNet with calibrated exits, written as soon as it is ready and again at the end with the
-baseline's numbers) and static.pt (the static baseline, train/static.py's format). It then says
-whether the four claims below hold. Each phase logs its wall and CPU seconds.
+paper's three stages), trains the static baseline (the same encoder network on the whole canvas,
+with stage 1's settings, for train.static_epochs at train.static_batch_size), evaluates both on
+the 5,000 fixed test canvases and writes to DIR: metrics.json, accuracy_vs_macs.png,
+patches.png, model.pt (the trained GFNet with calibrated exits, written as soon as it is ready and
+again at the end with the baseline's numbers) and static.pt (the static baseline,
+train/static.py's format). It then says whether the four claims below hold. Each phase logs its
+wall and CPU seconds.
 """
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ def run_demo(out_dir, overrides=(), progress: bool = True, threads: Optional[int
     metrics["static_baseline"] = {"accuracy": static_accuracy, "macs": static_macs,
                                   "epochs": static_epochs(config),
                                   "batch_size": static_batch_size(config),
+                                  "image_size": config.data.image_size,
                                   "network": NETWORK_NAMES.get(config.model.arch,
                                                                config.model.arch)}
     metrics["claims"] = check_claims(metrics)
@@ -302,8 +304,9 @@ def plot_accuracy_vs_macs(metrics: dict, path: Path) -> None:
         ax.plot([m / 1e6 for m in curve["macs"]], curve["accuracy"], "-", alpha=0.7,
                 label="GFNet, early exit at 39 budgets")
     static = metrics["static_baseline"]
+    side = static.get("image_size", 100)  # metrics.json files written before it was recorded
     ax.plot([static["macs"] / 1e6], [static["accuracy"]], "r*", markersize=14,
-            label=f"static {static['network']}, whole 100x100 canvas")
+            label=f"static {static['network']}, whole {side}x{side} canvas")
     ax.set_xlabel("multiply-adds per image (millions)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Cluttered MNIST: anytime accuracy vs compute")

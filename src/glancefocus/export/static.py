@@ -88,6 +88,14 @@ def export_static_onnx(backbone: nn.Module, data: DataConfig, in_chans: int,
     graph = StaticGraph(backbone, size, size).eval()
     images = torch.randn(CHECK_BATCH, in_chans, size, size,
                          generator=torch.Generator().manual_seed(0))
+    if size != data.image_size:  # a ViT's position embeddings fix its input size
+        try:
+            with torch.no_grad():
+                graph(images[:1])
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise ExportError(f"the static {arch} network was trained on {data.image_size} x "
+                              f"{data.image_size} images and cannot take {size} x {size} ones "
+                              f"(export it at --image-size {data.image_size}): {exc}") from exc
     names = ["logits", "box"]
     signature = (["images"], names, {n: {0: "batch"} for n in ["images", *names]})
     exporter = _export(graph, GRAPH, out, (images[:TRACE_BATCH],), size, signature, arch)
