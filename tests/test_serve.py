@@ -223,6 +223,49 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server, images, name, method,
                            headers={"content-type": "image/png"}).status_code == 200
 
 
+def test_small_images_decoded_on_the_loop_large_ones_in_the_pool(exported_demo, monkeypatch):
+    from glancefocus_runtime.images import load_image
+    from glancefocus_runtime.server import app
+
+    _, folder = exported_demo
+    pooled = []
+
+    async def in_pool(function, *args):  # Starlette's run_in_threadpool, counted
+        pooled.append(function.__name__)
+        return function(*args)
+
+    monkeypatch.setattr(app, "run_in_threadpool", in_pool)
+    monkeypatch.setattr(app, "SMALL_BODY_BYTES", 300_000)  # 2**20: more than the test needs
+    service = app.Service(app.ServeConfig(str(folder), max_pixels=MAX_PIXELS))
+    try:
+        rng = np.random.default_rng(5)
+        for size, where in [((100, 100), []), ((256, 256), []), ((257, 256), ["decode"]),
+                            ((700, 600), ["read_now"])]:  # a body over SMALL_BODY_BYTES
+            pixels = (rng.random(size[::-1]) * 255).astype(np.uint8)
+            body = png(Image.fromarray(pixels))
+            assert (len(body) > app.SMALL_BODY_BYTES) == (where == ["read_now"])
+            pooled.clear()
+            image, original = asyncio.run(service.read(body))
+            assert pooled == where, size
+            want = service.transform(load_image(io.BytesIO(body), service.transform.mode))
+            assert original == size and np.array_equal(image, want)
+        # refused from the header on the loop, before anything is decoded
+        for size, error in [((40000, 40000), "ImageTooLargeError"),
+                            ((1001, 1000), "ImageTooLargeError")]:
+            pooled.clear()
+            with pytest.raises(Exception) as caught:
+                asyncio.run(service.read(serve_load.png_header(*size)))
+            assert type(caught.value).__name__ == error and pooled == []
+        # a truncated large image fails in the pool with the same error as a small one
+        for size in [(100, 100), (300, 300)]:
+            body = png(Image.fromarray((rng.random(size) * 255).astype(np.uint8)))
+            with pytest.raises(Exception) as caught:
+                asyncio.run(service.read(body[: len(body) // 2]))
+            assert type(caught.value).__name__ == "ImageReadError"
+    finally:
+        service.batcher.close()
+
+
 def test_static_baseline_exported_and_served_the_same_way(tmp_path, images):
     from glancefocus.cli import main
     from glancefocus.encoder import create_backbone
