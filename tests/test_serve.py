@@ -266,6 +266,35 @@ def test_small_images_decoded_on_the_loop_large_ones_in_the_pool(exported_demo, 
         service.batcher.close()
 
 
+def test_batcher_answers_skips_given_up_requests_and_drains_on_close(exported_demo, images):
+    from glancefocus_runtime.server.batcher import Batcher, BatcherClosedError
+
+    _, folder = exported_demo
+    predictor = ExportedPredictor(folder)
+    pixels = np.stack([predictor.model.transform()(path) for path in images])
+    want = predictor.run(pixels)
+    ran = []
+    batcher = Batcher(predictor.model, max_batch=64, max_wait_s=0.2,
+                      on_step=lambda sizes, finished: ran.extend(finished))
+
+    async def main():
+        futures = [batcher.submit(image, predictor.thresholds) for image in pixels]
+        futures[1].cancel()  # its request gave up while the batch was forming
+        answers = await asyncio.gather(*futures[:1], *futures[2:])
+        queued = batcher.submit(pixels[0], predictor.thresholds)
+        await asyncio.to_thread(batcher.close)  # answers what was queued, then stops
+        with pytest.raises(BatcherClosedError):
+            batcher.submit(pixels[0], predictor.thresholds)
+        return answers, queued.result(), batcher.jobs
+
+    answers, last, left = asyncio.run(main())
+    for i, answer in zip([0, *range(2, len(images))], answers):
+        assert (answer.label, answer.exit_step) == (want.labels[i], want.exit_steps[i])
+        assert answer.confidence == pytest.approx(want.confidences[i], abs=1e-6)
+    assert last.label == want.labels[0] and not left and not batcher.thread.is_alive()
+    assert len(ran) == len(images)  # all but the one given up, and the one queued at close
+
+
 def test_static_baseline_exported_and_served_the_same_way(tmp_path, images):
     from glancefocus.cli import main
     from glancefocus.encoder import create_backbone

@@ -288,9 +288,8 @@ async def _predict(request: Request, service: "Service") -> JSONResponse:
         raise RequestError(503, "shutting_down", str(exc)) from None
     remaining = service.config.timeout_s - (time.perf_counter() - started)
     try:
-        answer = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining, 0.001))
-    except asyncio.TimeoutError:
-        future.cancel()
+        answer = await asyncio.wait_for(future, max(remaining, 0.001))
+    except asyncio.TimeoutError:  # the future is cancelled: the batcher skips its job
         raise RequestError(503, "timeout", f"no answer within the server's per-request timeout "
                            f"of {service.config.timeout_s:g} s (the server is overloaded)") from None
     probabilities, labels = top_classes(answer.probabilities, top_k)
