@@ -382,8 +382,7 @@ class CountRequests:
             service = getattr(scope["app"].state, "service", None) if "app" in scope else None
             if service is not None:
                 route = scope["path"] if scope["path"] in self.ROUTES else "other"
-                service.metrics.requests.labels(route=route, status=str(status[0])).inc()
-                service.metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+                service.metrics.answered(route, status[0], time.perf_counter() - started)
 
 
 def create_app(config: ServeConfig) -> Starlette:
