@@ -396,7 +396,8 @@ def create_app(config: ServeConfig) -> Starlette:
         log.info("shutting down: finishing the requests in flight")
         await run_in_threadpool(app.state.service.batcher.close)
 
-    routes = [Route("/", page), Route("/v1/predict", predict, methods=["POST"]),
+    # the router tries the routes in order: the one nearly every request takes comes first
+    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/", page),
               Route("/v1/model", model_info), Route("/healthz", healthz),
               Route("/metrics", metrics)]
     app = Starlette(routes=routes, lifespan=lifespan,
