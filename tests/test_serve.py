@@ -295,6 +295,23 @@ def test_batcher_answers_skips_given_up_requests_and_drains_on_close(exported_de
     assert len(ran) == len(images)  # all but the one given up, and the one queued at close
 
 
+def test_gc_tuned_by_the_command_not_by_the_app(exported_demo, monkeypatch):
+    import gc
+
+    import uvicorn
+
+    from glancefocus_runtime.server import app, cli
+
+    _, folder = exported_demo
+    before = gc.get_threshold()
+    app.create_app(app.ServeConfig(str(folder)))
+    assert gc.get_threshold() == before  # importing and building the app leaves gc alone
+    tuned, ran = [], []
+    monkeypatch.setattr(cli, "tune_gc", lambda: tuned.append(True))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: ran.append(app))
+    assert cli.main([str(folder)]) == 0 and tuned == [True] and len(ran) == 1
+
+
 def test_static_baseline_exported_and_served_the_same_way(tmp_path, images):
     from glancefocus.cli import main
     from glancefocus.encoder import create_backbone

@@ -407,8 +407,13 @@ def create_app(config: ServeConfig) -> Starlette:
 
 
 def app_from_environment() -> Starlette:
-    """uvicorn's factory for worker processes: the config from $GLANCEFOCUS_SERVE_CONFIG."""
-    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT])))
+    """uvicorn's factory for `glancefocus-serve --workers N`'s processes: the config from
+    $GLANCEFOCUS_SERVE_CONFIG, and the command's gc settings (cli.tune_gc)."""
+    from .cli import tune_gc
+
+    app = create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT])))
+    tune_gc()
+    return app
 
 
 def config_to_environment(config: ServeConfig) -> None:
