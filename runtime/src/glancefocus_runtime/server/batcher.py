@@ -110,7 +110,13 @@ class Batcher:
                 _answer([(job, exc) for job in in_flight])
                 pool = ExitPool(self.model)
                 continue
-            _answer([(answer.tag, answer) for answer in finished])
+            results = []
+            for answer in finished:
+                # the answer lets go of its job: future -> answer -> job -> future was a cycle
+                # (3 a request) that only the collector freed, holding the job's image till then
+                job, answer.tag = answer.tag, None
+                results.append((job, answer))
+            _answer(results)
             if self.on_step is not None:
                 self.on_step(sizes, finished)
 
