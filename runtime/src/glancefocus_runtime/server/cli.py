@@ -63,7 +63,7 @@ def tune_gc() -> None:
     A request allocates hundreds of objects, nearly all freed by reference counting, so the
     default gen-0 threshold (700) ran collections that found little; gc.freeze() leaves the
     objects made so far (the imported modules, the app) out of every later collection. Under
-    load (the demo model) collections cost 30-40 us a request before, 7-10 us after. Done here,
+    load (the demo model) collections cost 25-28 us a request before, 3.6 us after. Done here,
     in the command's own process, not in create_app: tests and programs that import the app
     keep their own gc settings.
     """
