@@ -8,12 +8,17 @@ itself does not).
     python benchmarks/serve_models.py demo OUT --checkpoint DIR/model.pt --static DIR/static.pt
         OUT/gfnet and OUT/static exported from `glancefocus demo`'s files; OUT/images: PNG
         files of cluttered-MNIST test canvases.
+    python benchmarks/serve_models.py demo OUT
+        the same without a trained demo: the demo preset and its static CNN with random weights
+        (exits calibrated on their own outputs for the canvases; chance-level answers), for
+        measuring the server's own cost in seconds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -60,18 +65,36 @@ def resnet50(out: Path, n_images: int) -> None:
         Image.fromarray(array).save(folder / f"{i:04d}.jpg", quality=90)
 
 
-def demo(out: Path, checkpoint: str, static: str, n_images: int) -> None:
-    assert cli(["export", checkpoint, str(out / "gfnet")]) == 0
-    assert cli(["export", static, str(out / "static")]) == 0
+def demo(out: Path, checkpoint: Optional[str], static: Optional[str], n_images: int) -> None:
     from glancefocus.checkpoint import load_checkpoint
     from glancefocus.data.cluttered_mnist import ClutteredMNIST
     from glancefocus.evaluate import data_config_for
 
-    model = load_checkpoint(checkpoint)
-    data = data_config_for(model.run_config or {"model": {"arch": model.config.arch}})
+    if checkpoint:
+        assert cli(["export", checkpoint, str(out / "gfnet")]) == 0
+        assert cli(["export", static, str(out / "static")]) == 0
+        model = load_checkpoint(checkpoint)
+    else:
+        torch.manual_seed(0)
+        model = create_model("demo").eval()
+    data = data_config_for(getattr(model, "run_config", None)
+                           or {"model": {"arch": model.config.arch}})
     section = {k: getattr(data, k) for k in DataConfig.__dataclass_fields__}
-    section.update(test_canvases=n_images)
+    section.update(test_canvases=max(n_images, CALIBRATION + VALIDATION))
     canvases = ClutteredMNIST(DataConfig(**section), "test", channels=1)
+    if not checkpoint:  # random weights: exits calibrated on their own outputs, as resnet50's
+        pixels = torch.stack([canvases[i][0] for i in range(CALIBRATION + VALIDATION)])
+        with torch.inference_mode():
+            conf, pred = exits.confidences_from_logits(model(pixels).logits)
+        labels = torch.as_tensor(canvases.labels[:CALIBRATION + VALIDATION])
+        c, v = slice(0, CALIBRATION), slice(CALIBRATION, None)
+        model.exit_curve = exits.budgeted_curve(conf[:, c], conf[:, v], pred[:, v], labels[v],
+                                                model.macs()["per_step"])
+        export_onnx(model, out / "gfnet", source="demo preset, random weights")
+        backbone = create_backbone(model.config.arch, num_classes=model.config.num_classes,
+                                   in_chans=1, pretrained=False).eval()
+        export_static_onnx(backbone, data, 1, out / "static", model.config.arch,
+                           source="demo_cnn, random weights")
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     labels = {}

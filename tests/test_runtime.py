@@ -46,6 +46,18 @@ from glancefocus_runtime import (  # noqa: E402
 BLOCK_TORCH = ("import sys; sys.modules.update(torch=None, torchvision=None, timm=None); ")
 
 
+def test_top_classes_best_first_equal_ones_lower_class_first():
+    from glancefocus_runtime.predictor import top_classes
+
+    p = np.array([0.1, 0.3, 0.3, 0.2, 0.1], dtype=np.float32)
+    for k in (1, 2, 5):  # k = 1 takes a shortcut: the same answer
+        probabilities, labels = top_classes(p, k)
+        assert labels.tolist() == [1, 2, 3, 0, 4][:k] and labels.dtype == np.int64
+        assert probabilities.dtype == np.float32 and probabilities.tolist() == p[labels].tolist()
+    probabilities, labels = top_classes(np.stack([p, p[::-1]]), 1)
+    assert labels.tolist() == [[1], [2]] and probabilities.shape == (2, 1)
+
+
 @pytest.fixture(scope="module")
 def exported(exported_demo):
     return exported_demo

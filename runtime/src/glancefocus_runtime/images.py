@@ -9,6 +9,7 @@ scaled to 8 bits, first frame of animations).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -45,15 +46,38 @@ def load_image(path: Union[str, Path, BinaryIO], mode: str = "RGB",
     the image (default: the path).
     """
     name = name or f"image file '{path}'"
+    return decode_image(open_image(path, max_pixels, name), mode, name)
+
+
+def open_image(path: Union[str, Path, BinaryIO], max_pixels: Optional[int] = None,
+               name: Optional[str] = None) -> Image.Image:
+    """The first half of load_image: the header read and the size checked, no pixels decoded
+    (cheap whatever the file declares); decode_image does the rest."""
+    name = name or f"image file '{path}'"
+    with _reading(name):
+        img = Image.open(path)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            img.close()
+            raise ImageTooLargeError(
+                f"{name} declares {width} x {height} pixels, more than the limit of "
+                f"{max_pixels:,} pixels")
+        return img
+
+
+def decode_image(img: Image.Image, mode: str = "RGB", name: str = "the image") -> Image.Image:
+    """The second half of load_image: an image from open_image fully decoded (so that
+    truncation is caught here), in `mode`, and its file closed."""
+    with _reading(name), img:
+        img.load()
+        return convert_image(img, mode)
+
+
+@contextlib.contextmanager
+def _reading(name: str):
+    """Pillow's errors while reading `name` as ImageReadError (or ImageTooLargeError)."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{name} declares {width} x {height} pixels, more than the limit of "
-                    f"{max_pixels:,} pixels")
-            img.load()  # the full decode now, so that truncation is caught here
-            return convert_image(img, mode)
+        yield
     except FileNotFoundError:
         raise ImageReadError(f"{name} does not exist") from None
     except Image.UnidentifiedImageError:

@@ -229,5 +229,8 @@ def _name(names, label: int) -> Optional[str]:
 def top_classes(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest probabilities [..., K] and their classes, best first (equal ones keep the
     lower class first)."""
+    if k == 1 and probabilities.ndim == 1:  # the server's usual question, at a third the cost
+        best = int(probabilities.argmax())  # the first of equal ones, as the stable sort's
+        return probabilities[best:best + 1].astype(np.float32), np.array([best])
     order = np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
     return np.take_along_axis(probabilities, order, axis=-1).astype(np.float32), order

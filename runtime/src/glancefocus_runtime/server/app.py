@@ -6,8 +6,8 @@ FastAPI's pydantic validation and OpenAPI generation would add a compiled depend
 request for nothing; Starlette is the ASGI toolkit FastAPI itself is built on.
 
 Every refused request gets a 4xx with JSON {"error": CODE, "detail": what was wrong}; the model
-runs in the batcher's worker thread and image decoding in Starlette's thread pool, so one slow
-or bad request never blocks the others.
+runs in the batcher's worker thread and image decoding (but for small images) in Starlette's
+thread pool, so one slow or bad request never blocks the others.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,13 +35,19 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .. import exit_rule
+from .. import exit_rule, images
 from ..images import ImageReadError, ImageTooLargeError, ImageTooSmallError
 from ..predictor import ExportedPredictor, top_classes
 from .batcher import SCHEDULES, Batcher, BatcherClosedError
 from .metrics import ServerMetrics
 
 log = logging.getLogger("glancefocus_runtime.server")
+
+SMALL_IMAGE_PIXELS = 256 * 256
+"""Images declaring at most this many pixels are decoded on the event loop (Service.read)."""
+SMALL_BODY_BYTES = 2**20
+"""Larger bodies are opened in the thread pool, whatever size they declare."""
+BODY = "the request body"
 
 CONFIG_ENVIRONMENT = "GLANCEFOCUS_SERVE_CONFIG"
 """uvicorn's worker processes read their ServeConfig (JSON) from this variable."""
@@ -113,11 +120,30 @@ class Service:
             self.thresholds_cache[budget] = (thresholds, warning)
         return self.thresholds_cache[budget]
 
-    def read(self, body: bytes) -> tuple[np.ndarray, tuple]:
-        """Request body -> (model input [C, H, W], original (width, height)); in a thread."""
-        from ..images import load_image
-        image = load_image(io.BytesIO(body), self.transform.mode,
-                           max_pixels=self.config.max_pixels, name="the request body")
+    async def read(self, body: bytes) -> tuple[np.ndarray, tuple]:
+        """Request body -> (model input [C, H, W], original (width, height)).
+
+        A small image is decoded right here on the event loop: for one of up to 256 x 256
+        pixels the hop to a worker thread and back cost more CPU than the decode itself. A
+        larger one, or a large body (whose header alone may take a while to parse), is read in
+        Starlette's thread pool, so it never holds up the other requests.
+        """
+        if len(body) > SMALL_BODY_BYTES:
+            return await run_in_threadpool(self.read_now, body)
+        image = self.open(body)
+        if image.width * image.height > SMALL_IMAGE_PIXELS:
+            return await run_in_threadpool(self.decode, image)
+        return self.decode(image)
+
+    def read_now(self, body: bytes) -> tuple[np.ndarray, tuple]:
+        return self.decode(self.open(body))
+
+    def open(self, body: bytes) -> Image.Image:
+        """The header read and the size checked (ImageTooLargeError), no pixels decoded."""
+        return images.open_image(io.BytesIO(body), self.config.max_pixels, name=BODY)
+
+    def decode(self, image: Image.Image) -> tuple[np.ndarray, tuple]:
+        image = images.decode_image(image, self.transform.mode, name=BODY)
         return self.transform(image), image.size
 
     def describe(self) -> dict:
@@ -248,7 +274,7 @@ async def _predict(request: Request, service: "Service") -> JSONResponse:
         raise RequestError(422, "budget_out_of_range", str(exc)) from None
     body = await image_bytes(request, service.config.max_body_bytes)
     try:
-        image, size = await run_in_threadpool(service.read, body)
+        image, size = await service.read(body)
     except ImageTooLargeError as exc:
         raise RequestError(413, "image_too_large", str(exc)) from None
     except ImageTooSmallError as exc:
@@ -262,9 +288,8 @@ async def _predict(request: Request, service: "Service") -> JSONResponse:
         raise RequestError(503, "shutting_down", str(exc)) from None
     remaining = service.config.timeout_s - (time.perf_counter() - started)
     try:
-        answer = await asyncio.wait_for(asyncio.wrap_future(future), max(remaining, 0.001))
-    except asyncio.TimeoutError:
-        future.cancel()
+        answer = await asyncio.wait_for(future, max(remaining, 0.001))
+    except asyncio.TimeoutError:  # the future is cancelled: the batcher skips its job
         raise RequestError(503, "timeout", f"no answer within the server's per-request timeout "
                            f"of {service.config.timeout_s:g} s (the server is overloaded)") from None
     probabilities, labels = top_classes(answer.probabilities, top_k)
@@ -357,8 +382,7 @@ class CountRequests:
             service = getattr(scope["app"].state, "service", None) if "app" in scope else None
             if service is not None:
                 route = scope["path"] if scope["path"] in self.ROUTES else "other"
-                service.metrics.requests.labels(route=route, status=str(status[0])).inc()
-                service.metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+                service.metrics.answered(route, status[0], time.perf_counter() - started)
 
 
 def create_app(config: ServeConfig) -> Starlette:
@@ -372,7 +396,8 @@ def create_app(config: ServeConfig) -> Starlette:
         log.info("shutting down: finishing the requests in flight")
         await run_in_threadpool(app.state.service.batcher.close)
 
-    routes = [Route("/", page), Route("/v1/predict", predict, methods=["POST"]),
+    # the router tries the routes in order: the one nearly every request takes comes first
+    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/", page),
               Route("/v1/model", model_info), Route("/healthz", healthz),
               Route("/metrics", metrics)]
     app = Starlette(routes=routes, lifespan=lifespan,
@@ -382,8 +407,13 @@ def create_app(config: ServeConfig) -> Starlette:
 
 
 def app_from_environment() -> Starlette:
-    """uvicorn's factory for worker processes: the config from $GLANCEFOCUS_SERVE_CONFIG."""
-    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT])))
+    """uvicorn's factory for `glancefocus-serve --workers N`'s processes: the config from
+    $GLANCEFOCUS_SERVE_CONFIG, and the command's gc settings (cli.tune_gc)."""
+    from .cli import tune_gc
+
+    app = create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT])))
+    tune_gc()
+    return app
 
 
 def config_to_environment(config: ServeConfig) -> None:

@@ -10,12 +10,12 @@ Either way the first request of an idle server waits up to max_wait for others t
 """
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import collections
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,7 +25,6 @@ from ..pool import ExitPool
 log = logging.getLogger("glancefocus_runtime.server")
 
 SCHEDULES = ("continuous", "fixed")
-_STOP = object()
 
 
 class BatcherClosedError(RuntimeError):
@@ -38,7 +37,8 @@ class Job:
 
     image: np.ndarray          # [C, H, W] float32, preprocessed
     thresholds: np.ndarray     # [T] float64
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: asyncio.Future     # of the event loop that submitted it
+    loop: asyncio.AbstractEventLoop
 
 
 class Batcher:
@@ -57,27 +57,33 @@ class Batcher:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.model, self.max_batch, self.max_wait_s = model, int(max_batch), float(max_wait_s)
         self.schedule, self.on_step = schedule, on_step
-        self.queue: queue.Queue = queue.Queue()
+        # the queue: a deque under one condition, so that the worker takes every queued job in
+        # one go (queue.Queue takes a lock and notifies per item)
+        self.jobs: collections.deque = collections.deque()
         self.closed = False
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._wake_at = 1  # queued jobs that wake the waiting worker (see _gather)
         self.thread = threading.Thread(target=self._loop, name="glancefocus-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, image: np.ndarray, thresholds: np.ndarray) -> concurrent.futures.Future:
-        """Queue one preprocessed image; its future gets a pool.Finished."""
-        job = Job(image, thresholds)
-        with self._lock:  # no job may slip in behind the stop mark
+    def submit(self, image: np.ndarray, thresholds: np.ndarray) -> asyncio.Future:
+        """Queue one preprocessed image; call it on an event loop, whose future (returned)
+        gets a pool.Finished."""
+        loop = asyncio.get_running_loop()
+        job = Job(image, thresholds, loop.create_future(), loop)
+        with self._changed:
             if self.closed:
                 raise BatcherClosedError("the server is shutting down")
-            self.queue.put(job)
+            self.jobs.append(job)
+            if len(self.jobs) >= self._wake_at:
+                self._changed.notify()
         return job.future
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Take no new jobs, finish the queued and running ones, stop the worker."""
-        with self._lock:
-            if not self.closed:
-                self.closed = True
-                self.queue.put(_STOP)
+        with self._changed:
+            self.closed = True
+            self._changed.notify()
         self.thread.join(timeout)
 
     # ------------------------------------------------------------------------------------------
@@ -85,14 +91,12 @@ class Batcher:
 
     def _loop(self) -> None:
         pool = ExitPool(self.model)
-        stopping = False
         while True:
             idle = len(pool) == 0
-            if idle and stopping and self.queue.empty():
-                return
             room = self.max_batch - len(pool) if (self.schedule == "continuous" or idle) else 0
-            jobs, stop_seen = self._gather(room, wait=idle)
-            stopping = stopping or stop_seen
+            jobs = self._gather(room, wait=idle)
+            if jobs is None:
+                return
             if jobs:
                 pool.add(np.stack([j.image for j in jobs]), np.stack([j.thresholds for j in jobs]),
                          jobs)
@@ -103,43 +107,66 @@ class Batcher:
                 finished = pool.advance()
             except Exception as exc:  # a failing graph call fails its requests, not the server
                 log.exception("model step failed")
-                for job in in_flight:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                _answer([(job, exc) for job in in_flight])
                 pool = ExitPool(self.model)
                 continue
+            results = []
             for answer in finished:
-                answer.tag.future.set_result(answer)
+                # the answer lets go of its job: future -> answer -> job -> future was a cycle
+                # (3 a request) that only the collector freed, holding the job's image till then
+                job, answer.tag = answer.tag, None
+                results.append((job, answer))
+            _answer(results)
             if self.on_step is not None:
                 self.on_step(sizes, finished)
 
-    def _gather(self, room: int, wait: bool) -> tuple[list, bool]:
-        """Up to `room` queued jobs. An idle worker blocks for the first, then waits up to
-        max_wait for more; a busy one takes only what is already queued."""
-        jobs, stop_seen = [], False
-        deadline = None
-        while len(jobs) < room:
-            try:
-                if wait and not jobs:
-                    item = self.queue.get(timeout=0.5)   # wakes now and then to check stopping
-                elif wait:
+    def _gather(self, room: int, wait: bool) -> Optional[list]:
+        """Up to `room` queued jobs; None once closed with nothing queued. An idle worker
+        blocks for the first, then waits up to max_wait for more; a busy one takes only what
+        is already queued."""
+        with self._changed:
+            if wait:
+                while not self.jobs:
+                    if self.closed:
+                        return None
+                    self._changed.wait()
+                # woken only when the batch is full, not by every job that joins it
+                self._wake_at = room
+                deadline = time.perf_counter() + self.max_wait_s
+                while len(self.jobs) < room and not self.closed:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
-                    item = self.queue.get(timeout=remaining)
-                else:
-                    item = self.queue.get_nowait()
-            except queue.Empty:
-                if wait and not jobs and not stop_seen:
-                    return jobs, stop_seen
-                break
-            if item is _STOP:
-                stop_seen = True
-                wait = False  # no more waiting: take what is queued and finish
-                continue
-            if not item.future.set_running_or_notify_cancel():
-                continue  # its request gave up (timed out) before it started
-            jobs.append(item)
-            if deadline is None:
-                deadline = time.perf_counter() + self.max_wait_s
-        return jobs, stop_seen
+                    self._changed.wait(remaining)
+                self._wake_at = 1
+            jobs = []
+            while self.jobs and len(jobs) < room:
+                job = self.jobs.popleft()
+                if not job.future.cancelled():  # else its request gave up (timed out)
+                    jobs.append(job)
+        return jobs
+
+
+def _answer(results: list) -> None:
+    """[(job, its answer or exception)] -> their futures, with one call into each event loop
+    (a call_soon_threadsafe per request, as asyncio.wrap_future makes, costs more CPU and wakes
+    the loop once per request)."""
+    by_loop: dict = {}
+    for job, result in results:
+        by_loop.setdefault(job.loop, []).append((job.future, result))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, answers)
+        except RuntimeError:  # the loop is closed: nobody waits for these answers
+            pass
+
+
+def _resolve(answers: list) -> None:
+    """On the event loop: each future gets its answer, unless its request gave up."""
+    for future, result in answers:
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
