@@ -49,7 +49,7 @@ DEMO_PRESETS = ("demo", "demo_vit")
 """The presets `glancefocus demo` trains: the CNN demo and the same demo with a small ViT."""
 NETWORK_NAMES = {"demo_cnn": "CNN", "demo_vit": "ViT"}
 """What the summary and the figure call the static baseline's network."""
-EXPECTED_TIME = "22 minutes in float32, 9 with native bf16"
+EXPECTED_TIME = "10 minutes in float32 with AVX-512, 7 with native bf16"
 """The CNN demo's time on 2 cores, estimated from the parts' measured times (docs/results.md),
 for the log line; the ViT demo's has not been measured."""
 
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "demo", help="train and measure a GFNet on cluttered MNIST (the CNN demo on 2 CPU cores: "
-             "about 22 minutes in float32)",
+             "about 10 minutes in float32 with AVX-512)",
         description="Train a small GFNet on cluttered MNIST (in one run, or in the paper's three "
                     "stages with --recipe three-stage), and the same encoder network (a small "
                     "CNN, or a small ViT with --preset demo_vit) as a static baseline; "
@@ -70,13 +70,13 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
     p.add_argument("--preset", choices=list(DEMO_PRESETS), default="demo",
-                   help="demo: a small CNN as the glance and focus encoders (about 22 minutes on "
-                        "2 cores in float32); demo_vit: a small ViT (4 x 4 pixel patches, AdamW "
+                   help="demo: a small CNN as the glance and focus encoders (on 2 cores about "
+                        f"{EXPECTED_TIME}); demo_vit: a small ViT (4 x 4 pixel patches, AdamW "
                         "with warm-up; its time has not been measured)")
     p.add_argument("--recipe", choices=list(RECIPES), default="one-stage",
                    help="train the GFNet in one run (encoders, classifier and policy together), "
                         "or in the paper's three stages (for the CNN demo about 8 minutes more "
-                        "on 2 cores)")
+                        "on 2 cores of an AVX2-only CPU)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -109,16 +109,17 @@ PRESETS: dict[str, dict] = {
             "amp": "auto",
             "channels_last": True,
             # each epoch's progress on 1,000 of the 5,000 test canvases (the demo then scores
-            # all of them): scoring all after each of the 11 epochs took about a tenth of the run
+            # all of them): 0.35 s instead of 1.7 s an epoch in float32 on 2 cores, about 15 s
+            # of the run
             "eval_images": 1000,
             "stage1": dict(epochs=8, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
                            dsn_ratio=1.0, train_glance_encoder=True),
             "stage2": dict(epochs=1, updates=800, ppo_lr=3e-4),
-            # the static baseline: 6 epochs at batch 32 (stage 1's learning rate) reach the
-            # 96.78 % that 8 at batch 128 reached (96.80 %) in less time: a step on 32 whole
-            # canvases costs 0.73x a 128-canvas step's time per image in float32 on 2 cores
-            # (its maps stay in cache); 4 epochs at 128 / 64 / 32: 95.30 / 96.18 / 96.14 %,
-            # 5 at 32: 96.18 %
+            # the static baseline: 6 epochs at batch 32 (stage 1's learning rate) reach 96.78 %
+            # in 357 s where 8 at batch 128 reach 96.64 % in 627 s (float32, 2 cores of an
+            # AVX-512 EPYC; 96.80 % on an AVX2-only one): fewer, smaller steps that each cost
+            # about 0.85x per image; 4 epochs at 128 / 64 / 32: 95.30 / 96.18 / 96.14 %, 5 at
+            # 32: 96.18 %
             "static_epochs": 6,
             "static_batch_size": 32,
             "stage3": dict(epochs=5, backbone_lr=0.05, classifier_lr=0.05, weight_decay=1e-4,
