@@ -267,6 +267,7 @@ def test_small_images_decoded_on_the_loop_large_ones_in_the_pool(exported_demo, 
 
 
 def test_batcher_answers_skips_given_up_requests_and_drains_on_close(exported_demo, images):
+    from glancefocus_runtime.server import app
     from glancefocus_runtime.server.batcher import Batcher, BatcherClosedError
 
     _, folder = exported_demo
@@ -280,7 +281,8 @@ def test_batcher_answers_skips_given_up_requests_and_drains_on_close(exported_de
     async def main():
         futures = [batcher.submit(image, predictor.thresholds) for image in pixels]
         futures[1].cancel()  # its request gave up while the batch was forming
-        answers = await asyncio.gather(*futures[:1], *futures[2:])
+        app._time_out(futures[2])  # and this one's timed out
+        answers = await asyncio.gather(*futures[:1], *futures[3:])
         queued = batcher.submit(pixels[0], predictor.thresholds)
         await asyncio.to_thread(batcher.close)  # answers what was queued, then stops
         with pytest.raises(BatcherClosedError):
@@ -288,11 +290,11 @@ def test_batcher_answers_skips_given_up_requests_and_drains_on_close(exported_de
         return answers, queued.result(), batcher.jobs
 
     answers, last, left = asyncio.run(main())
-    for i, answer in zip([0, *range(2, len(images))], answers):
+    for i, answer in zip([0, *range(3, len(images))], answers):
         assert (answer.label, answer.exit_step) == (want.labels[i], want.exit_steps[i])
         assert answer.confidence == pytest.approx(want.confidences[i], abs=1e-6)
     assert last.label == want.labels[0] and not left and not batcher.thread.is_alive()
-    assert len(ran) == len(images)  # all but the one given up, and the one queued at close
+    assert len(ran) == len(images) - 1  # all but the two given up, and the one queued at close
 
 
 def test_batcher_answers_leave_no_reference_cycle(exported_demo, images):
@@ -390,6 +392,23 @@ def test_serve_load_smoke(exported_demo, images, tmp_path):
     assert run["bad_answered_4xx"] > 0 and report["server_alive"]
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
     assert sum(run["exits_per_step"].values()) == run["ok"] and run["mean_batch_size"] >= 1
+
+
+def test_a_request_past_its_timeout_gets_503_and_the_server_serves_on(exported_demo, images):
+    _, folder = exported_demo
+    # an idle server waits up to 3 s for a second image: the lone request times out first
+    process, url = start(folder, "--max-wait-ms", "3000", "--timeout-s", "0.3")
+    try:
+        began = time.perf_counter()
+        lone = httpx.post(f"{url}/v1/predict", content=images[0].read_bytes(),
+                          headers={"content-type": "image/png"}, timeout=30)
+        waited = time.perf_counter() - began
+        health = httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        stop(process)
+    assert lone.status_code == 503 and lone.json()["error"] == "timeout"
+    assert "timeout of 0.3 s" in lone.json()["detail"] and 0.3 <= waited < 2.5
+    assert health.status_code == 200
 
 
 def test_sigterm_answers_requests_in_flight_then_exits(exported_demo, images):

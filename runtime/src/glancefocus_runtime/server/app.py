@@ -288,8 +288,8 @@ async def _predict(request: Request, service: "Service") -> JSONResponse:
         raise RequestError(503, "shutting_down", str(exc)) from None
     remaining = service.config.timeout_s - (time.perf_counter() - started)
     try:
-        answer = await asyncio.wait_for(future, max(remaining, 0.001))
-    except asyncio.TimeoutError:  # the future is cancelled: the batcher skips its job
+        answer = await answer_within(future, max(remaining, 0.001))
+    except asyncio.TimeoutError:  # the future is done: the batcher skips its job
         raise RequestError(503, "timeout", f"no answer within the server's per-request timeout "
                            f"of {service.config.timeout_s:g} s (the server is overloaded)") from None
     probabilities, labels = top_classes(answer.probabilities, top_k)
@@ -310,6 +310,21 @@ async def _predict(request: Request, service: "Service") -> JSONResponse:
     if warning:
         result["warning"] = warning
     return JSONResponse(result)
+
+
+async def answer_within(future: asyncio.Future, seconds: float):
+    """The batcher's answer, or asyncio.TimeoutError after `seconds`: a timer that fails the
+    future costs less per request than asyncio.wait_for's wrapper."""
+    timer = asyncio.get_running_loop().call_later(seconds, _time_out, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
+def _time_out(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 async def model_info(request: Request) -> JSONResponse:

@@ -142,7 +142,7 @@ class Batcher:
             jobs = []
             while self.jobs and len(jobs) < room:
                 job = self.jobs.popleft()
-                if not job.future.cancelled():  # else its request gave up (timed out)
+                if not job.future.done():  # else its request gave up or timed out
                     jobs.append(job)
         return jobs
 
