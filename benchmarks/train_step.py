@@ -35,7 +35,7 @@ from glancefocus.model import GlanceFocusNet
 from glancefocus.presets import default_num_classes, get_preset
 from glancefocus.train.faults import NonFiniteGuard
 from glancefocus.train.optim import freeze_for_stage, gfnet_sgd, set_train_modes
-from glancefocus.train.ppo import PPOLoss, collect_rollout, ppo_update
+from glancefocus.train.ppo import PPOLoss, collect_rollout, policy_optimizer, ppo_update
 from glancefocus.train.runtime import start_runtime
 from glancefocus.train.supervised import GlanceFocusLoss
 
@@ -93,8 +93,7 @@ def stage2_step(config, runtime, model, images, labels) -> Callable[[], None]:
     stage_config = config.train.stage2
     freeze_for_stage(model, 2, stage_config)
     set_train_modes(model, 2, stage_config)
-    optimizer = torch.optim.Adam(model.policy.parameters(), lr=stage_config.ppo_lr,
-                                 betas=(0.9, 0.999))
+    optimizer = policy_optimizer(model.policy, stage_config.ppo_lr)
     ppo_loss = PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
                        stage_config.entropy_coef)
     guard = NonFiniteGuard(config.train.max_nonfinite)

@@ -18,7 +18,7 @@ from glancefocus.model import GlanceFocusNet
 from glancefocus.train.context import STOP_POLL_EVERY, StageRun
 from glancefocus.train.faults import NonFiniteGuard
 from glancefocus.train.loaders import make_loader, resolve_num_workers
-from glancefocus.train.ppo import PPOLoss, collect_rollout, ppo_update
+from glancefocus.train.ppo import PPOLoss, collect_rollout, policy_optimizer, ppo_update
 from glancefocus.train.runtime import Runtime
 from glancefocus.train.supervised import GlanceFocusLoss, train_epoch
 
@@ -187,3 +187,46 @@ def test_stage2_rollout_is_evaluated_by_ppos_first_pass_as_before_it(tmp_path):
     assert torch.equal(rollout.log_probs, before.log_probs)
     assert torch.equal(rollout.values, before.values)
     assert "approx_kl" not in stats and "explained_variance" in stats
+
+
+def _two_updates(tmp_path, make_optimizer):
+    """The policy's parameters after two stage-2 updates from a fixed seed."""
+    config = tiny_config(tmp_path, "train.stage2.ppo_epochs=2", "train.stage2.ppo_lr=0.01")
+    torch.manual_seed(0)
+    model = GlanceFocusNet(replace(config.model, num_classes=10)).eval()
+    model.requires_grad_(False)
+    model.policy.requires_grad_(True)
+    stage = config.train.stage2
+    loss = PPOLoss(model.policy, stage.ppo_clip, stage.value_coef, stage.entropy_coef)
+    optimizer = make_optimizer(model.policy, stage.ppo_lr)
+    generator = torch.Generator().manual_seed(1)
+    stats = []
+    for update in range(2):
+        images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
+        rollout = collect_rollout(model, images, labels, CPU, generator)
+        stats.append(ppo_update(loss, optimizer, rollout, stage, CPU, NonFiniteGuard(0),
+                                where="test", movement=update == 0))
+    return [p.detach().clone() for p in model.policy.parameters()], stats
+
+
+def test_policy_optimizer_updates_as_plain_adam(tmp_path):
+    """The policy's optimiser (fused on CPU) moves the policy as PyTorch's plain Adam with the
+    authors' betas does, up to float rounding, and the logged statistics agree."""
+    fast, fast_stats = _two_updates(tmp_path, policy_optimizer)
+    plain, plain_stats = _two_updates(
+        tmp_path, lambda policy, lr: torch.optim.Adam(policy.parameters(), lr=lr,
+                                                      betas=(0.9, 0.999)))
+    assert any(not torch.equal(p, q) for p, q in zip(fast, _initial_policy(tmp_path)))
+    for p, q in zip(fast, plain):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_stats, plain_stats):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
+def _initial_policy(tmp_path):
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    model = GlanceFocusNet(replace(config.model, num_classes=10))
+    return [p.detach().clone() for p in model.policy.parameters()]

@@ -95,7 +95,7 @@ def training_step(config: RunConfig, kind: str, micro: int, amp: str, checkpoint
     from .one_stage import InterleavedPPO
     from .one_stage_loss import OneStageLoss
     from .optim import freeze_for_stage, gfnet_sgd, set_train_modes
-    from .ppo import PPOLoss, collect_rollout, ppo_update
+    from .ppo import PPOLoss, collect_rollout, policy_optimizer, ppo_update
     from .state import ONE_STAGE
     from .supervised import GlanceFocusLoss, train_epoch
 
@@ -119,7 +119,7 @@ def training_step(config: RunConfig, kind: str, micro: int, amp: str, checkpoint
     freeze_for_stage(model, stage, settings)
     set_train_modes(model, stage, settings)
     if stage == 2:
-        optimizer = torch.optim.Adam(model.policy.parameters(), lr=settings.ppo_lr)
+        optimizer = policy_optimizer(model.policy, settings.ppo_lr)
         ppo_loss = PPOLoss(model.policy, settings.ppo_clip, settings.value_coef,
                            settings.entropy_coef)
 

@@ -23,12 +23,10 @@ import logging
 import math
 from typing import Optional
 
-import torch
-
 from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .faults import NonFiniteGuard
 from .one_stage_loss import OneStageLoss
-from .ppo import Episode, PPOLoss, ppo_update, rollout_of
+from .ppo import Episode, PPOLoss, policy_optimizer, ppo_update, rollout_of
 from .runtime import Runtime
 
 log = logging.getLogger("glancefocus.train")
@@ -41,8 +39,7 @@ class InterleavedPPO:
                  guard: NonFiniteGuard):
         self.model, self.loss, self.settings = model, loss, settings
         self.runtime, self.guard = runtime, guard
-        self.optimizer = torch.optim.Adam(model.policy.parameters(), lr=settings.ppo_lr,
-                                          betas=(0.9, 0.999))
+        self.optimizer = policy_optimizer(model.policy, settings.ppo_lr)
         self.ppo_loss = runtime.wrap(PPOLoss(model.policy, settings.ppo_clip,
                                              settings.value_coef, settings.entropy_coef,
                                              logit_limit=settings.policy_logit_limit))

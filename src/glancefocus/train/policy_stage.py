@@ -31,7 +31,7 @@ from .loaders import (
     unpack,
 )
 from .optim import freeze_for_stage, set_train_modes
-from .ppo import PPOLoss, collect_rollout, ppo_update
+from .ppo import PPOLoss, collect_rollout, policy_optimizer, ppo_update
 from .runtime import STREAM_GLOBAL, STREAM_PPO
 from .supervised import format_steps
 
@@ -43,7 +43,7 @@ def run_policy_stage(run: StageRun) -> list[dict]:
     if model.config.max_steps < 2:
         raise ValueError("stage 2 trains the patch policy, which needs model.max_steps >= 2")
     freeze_for_stage(model, 2, stage_config)
-    optimizer = torch.optim.Adam(model.policy.parameters(), lr=stage_config.ppo_lr, betas=(0.9, 0.999))
+    optimizer = policy_optimizer(model.policy, stage_config.ppo_lr)
     ppo_loss = runtime.wrap(PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
                                     stage_config.entropy_coef, stage_config.policy_logit_limit))
     batch_size = per_process_batch(config.train.batch_size, runtime)
