@@ -118,8 +118,12 @@ def policy_optimizer(policy: nn.Module, lr: float) -> torch.optim.Adam:
     change resumes with the optimiser settings it was saved with (load_state_dict restores
     them)."""
     params = list(policy.parameters())
-    fused = True if params and all(p.device.type == "cpu" for p in params) else None
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
+    if params and all(p.device.type == "cpu" for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        except RuntimeError:  # PyTorch before 2.4 has no fused Adam on CPU
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
