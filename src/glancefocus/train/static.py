@@ -93,18 +93,21 @@ def build_static_backbone(model_config: ModelConfig, num_classes: int, image_siz
 
 def static_epochs(config) -> int:
     """train.static_epochs, or stage 1's epochs when it is 0."""
-    epochs = config.train.static_epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"train.static_epochs must be >= 0 (0: stage 1's epochs), got {epochs!r}")
-    return epochs or config.train.stage1.epochs
+    return _zero_means(config.train.static_epochs, "train.static_epochs", "stage 1's epochs",
+                       config.train.stage1.epochs)
 
 
 def static_batch_size(config) -> int:
     """train.static_batch_size, or train.batch_size when it is 0."""
-    size = config.train.static_batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"train.static_batch_size must be >= 0 (0: train.batch_size), got {size!r}")
-    return size or config.train.batch_size
+    return _zero_means(config.train.static_batch_size, "train.static_batch_size",
+                       "train.batch_size", config.train.batch_size)
+
+
+def _zero_means(value, key: str, meaning: str, default: int) -> int:
+    """A count >= 0 where 0 stands for `default`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be >= 0 (0: {meaning}), got {value!r}")
+    return value or default
 
 
 @torch.no_grad()
