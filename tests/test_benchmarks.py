@@ -69,6 +69,12 @@ def test_memory_rows_grow_with_the_micro_batch_and_shrink_with_checkpointing(tmp
     policy = sum(p.numel() * 4 for p in model.policy.parameters())
     stage2 = by[("2", 8, "none", False)]
     assert stage2["gradients_bytes"] == policy and stage2["optimizer_bytes"] == 2 * policy
+    # stage 2's rollout also holds both encoders with BatchNorm folded: each BatchNorm's weight
+    # and bias (2 numbers a channel) become its convolution's bias (1 a channel)
+    encoder = sum(p.numel() * 4 for p in model.glance_encoder.parameters())
+    channels = sum(m.num_features for m in model.glance_encoder.modules()
+                   if isinstance(m, torch.nn.BatchNorm2d))
+    assert stage2["parameters_bytes"] == params + 2 * (encoder - 4 * channels)
     for row in rows:
         parts = [v for k, v in row.items() if k.endswith("_bytes") and k != "estimated_bytes"]
         assert row["estimated_bytes"] == sum(parts)

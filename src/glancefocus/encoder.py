@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .folding import inference_backbone
+
 
 class DemoCNN(nn.Module):
     """Five 3x3 conv-BN-ReLU layers (16-128 channels, stride 8): 6.05 M MACs at 32 x 32.
@@ -223,6 +225,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.activation_checkpointing = False
+        # frozen passes may run a copy with BatchNorm folded (folding.folded_encoders); the
+        # copy is cached here, outside the module tree, so no state dict ever holds it
+        self.fold_batchnorm = False
+        self._folded = None
 
     @property
     def head(self) -> nn.Module:
@@ -231,9 +237,11 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             features = checkpoint(self.backbone.forward_features, x, use_reentrant=False)
+            backbone = self.backbone
         else:
-            features = self.backbone.forward_features(x)
-        pooled = self.backbone.forward_head(features, pre_logits=True)
+            backbone = inference_backbone(self)
+            features = backbone.forward_features(x)
+        pooled = backbone.forward_head(features, pre_logits=True)
         return pooled, self.spatial_map(features, x).detach()
 
     def spatial_map(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

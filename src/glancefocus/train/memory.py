@@ -3,7 +3,8 @@
 For stages 1 and 3 (stage 3 keeps what stage 1 keeps: its frozen policy runs without gradients),
 stage 2 and the one-stage recipe, the bytes of:
 
-- parameters (all of the model, float32 whatever the AMP mode),
+- parameters (all of the model, float32 whatever the AMP mode; in stage 2 also the copies
+  of the frozen encoders with BatchNorm folded, which its rollout runs),
 - gradients (of what trains: stages 1/3 the encoders and the classifier, stage 2 the policy,
   the one-stage recipe all of them),
 - optimiser state (SGD momentum: one float32 copy of what trains; the policy's Adam: two),
@@ -36,6 +37,7 @@ from typing import Optional
 import torch
 
 from ..config import RunConfig, to_dict
+from ..folding import folded_copy_bytes
 from .optim import freeze_for_stage, set_train_modes
 from .ppo import PPOLoss, collect_rollout, discounted_returns, normalise
 from .runtime import Runtime
@@ -143,7 +145,9 @@ def stage2_activations(model, images, labels, stage_config) -> dict:
     runs outside autocast, and the rollout keeps its states in float32)."""
     runtime = Runtime(images.device)
     generator = torch.Generator(images.device).manual_seed(0)
-    rollout = collect_rollout(model, images, labels, runtime, generator)
+    # folding would copy the fake encoders, and adds no saved tensor (static_parts counts
+    # the copies' bytes)
+    rollout = collect_rollout(model, images, labels, runtime, generator, fold=False)
     returns = normalise(discounted_returns(rollout.rewards, stage_config.gamma))
     ppo_loss = PPOLoss(model.policy, stage_config.ppo_clip, stage_config.value_coef,
                        stage_config.entropy_coef)
@@ -311,7 +315,11 @@ class MemoryCounter:
                 optimizer = tensor_bytes(others if kind == "one-stage" else trainable)
                 if kind == "one-stage":
                     optimizer += 2 * tensor_bytes(policy)
-            self._static[kind] = {"parameters_bytes": tensor_bytes(model.parameters()),
+            parameters = tensor_bytes(model.parameters())
+            if kind == "2":  # the rollout's frozen encoders with BatchNorm folded (folding.py)
+                parameters += sum(folded_copy_bytes(e) for e in (model.glance_encoder,
+                                                                 model.focus_encoder))
+            self._static[kind] = {"parameters_bytes": parameters,
                                   "gradients_bytes": tensor_bytes(trainable),
                                   "optimizer_bytes": optimizer}
         return self._static[kind]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..folding import folded_encoders
 from .faults import NonFiniteGuard, step_finite
 from .runtime import Runtime
 
@@ -58,19 +59,22 @@ class Episode(NamedTuple):
 
 @torch.no_grad()
 def collect_rollout(model, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
-                    generator: torch.Generator, micro_batch: int = 0) -> Rollout:
+                    generator: torch.Generator, micro_batch: int = 0, fold: bool = True) -> Rollout:
     """Run the frozen model with sampled locations, micro-batch by micro-batch.
 
     On CPUs the images go channels-last: the frozen encoders' convolutions run faster so
     (oneDNN's native layout; ResNet-50 at P 96 about 0.75x the CPU time), and the crops keep
-    the layout. The outputs differ from channels-first ones only in float rounding. The
-    rollout is not evaluated here: PPO's first pass does it (see ppo_update)."""
+    the layout. The frozen encoders run with BatchNorm folded into their convolutions
+    (folding.py; `fold=False`: as they are). The outputs differ from channels-first, unfolded ones only in float
+    rounding. The rollout is not evaluated here: PPO's first pass does it (see ppo_update)."""
     if images.device.type == "cpu" and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     size = micro_batch if micro_batch > 0 else images.shape[0]
-    return rollout_of(model.policy, [_episode(model, x, y, runtime, generator)
-                                     for x, y in zip(images.split(size), labels.split(size))],
-                      evaluate=False)
+    encoders = (model.glance_encoder, model.focus_encoder) if fold else ()
+    with folded_encoders(*encoders):
+        episodes = [_episode(model, x, y, runtime, generator)
+                    for x, y in zip(images.split(size), labels.split(size))]
+    return rollout_of(model.policy, episodes, evaluate=False)
 
 
 def _episode(model, images, labels, runtime: Runtime, generator) -> Episode:
