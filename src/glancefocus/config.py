@@ -41,6 +41,11 @@ class ModelConfig:
     policy_hidden: int = 1024
     policy_std: float = 0.1
     """Standard deviation of the Gaussian location policy."""
+    policy_action_scoring: str = "density"
+    """How PPO scores a location the policy took: 'density' (the Gaussian's density, the
+    authors' rule) or 'clamped' (the probability of the location taken: a sample is clamped
+    to the image, and a coordinate clamped to an edge scores the Gaussian's mass beyond it,
+    which the density leaves out). Checkpoints saved before this key existed take 'density'."""
     glance_interpolation: str = "bicubic"
     glance_antialias: bool = False
     """Antialias the glance resize (better for new training; the authors' checkpoints used none)."""

@@ -15,7 +15,7 @@ from .classifier import CascadedClassifier, RecurrentClassifier
 from .config import ModelConfig
 from .encoder import Encoder, create_backbone
 from .macs import encoder_macs
-from .policy import PatchPolicy, PolicyOutput
+from .policy import ACTION_SCORINGS, PatchPolicy, PolicyOutput
 
 
 @dataclass
@@ -101,7 +101,8 @@ class GlanceFocusNet(nn.Module):
         else:
             self.classifier = CascadedClassifier(feature_dim, config.num_classes, config.max_steps)
         self.policy = PatchPolicy(state_shape[0], state_shape[1:], config.policy_hidden,
-                                  encoder=config.policy_encoder, std=config.policy_std)
+                                  encoder=config.policy_encoder, std=config.policy_std,
+                                  action_scoring=config.policy_action_scoring)
 
     @torch.no_grad()
     def _probe_shapes(self):
@@ -311,6 +312,9 @@ def _validate(config: ModelConfig) -> None:
          f"model.glance_interpolation must be one of {crops.INTERPOLATIONS}, "
          f"got {config.glance_interpolation!r}")
     need(config.policy_std > 0, f"model.policy_std must be > 0, got {config.policy_std}")
+    need(config.policy_action_scoring in ACTION_SCORINGS,
+         f"model.policy_action_scoring must be one of {ACTION_SCORINGS}, "
+         f"got {config.policy_action_scoring!r}")
 
 
 def create_model(arch: str, num_classes: Optional[int] = None, patch_size: Optional[int] = None,
