@@ -156,6 +156,8 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
         train(one_stage_config(tmp_path, "train.one_stage.focus_fraction_end=1.5"), progress=False)
     with pytest.raises(ValueError, match="ppo_every must be >= 1, got 0"):
         train(one_stage_config(tmp_path, "train.one_stage.ppo_every=0"), progress=False)
+    with pytest.raises(ValueError, match="ppo_min_rollout must be >= 0"):
+        train(one_stage_config(tmp_path, "train.one_stage.ppo_min_rollout=-1"), progress=False)
     with pytest.raises(ValueError, match="focus_on must be 'first' or 'uncertain'"):
         train(one_stage_config(tmp_path, "train.one_stage.focus_on=hardest"), progress=False)
 
@@ -281,6 +283,9 @@ def test_print_config_counts_the_policy_updates(tmp_path):
                                             "train.one_stage.focus_fraction_end=0.25"))
     assert ("6 SGD steps, and 2 PPO updates of the policy (one every 4 steps); the focus steps "
             "on 50% (first epoch) to 25% (last) of each batch") in text
+    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.ppo_min_rollout=40"))
+    assert ("6 SGD steps, and at most 6 PPO updates of the policy (one every step, once their "
+            "rollout holds 40 images)") in text
 
 
 def test_ddp_two_processes_agree(tmp_path, torchrun_train):
@@ -399,3 +404,40 @@ def test_explorers_look_at_uniform_draws_after_the_policys_noise():
     assert torch.equal(out.location[explore], uniform[explore])
     assert torch.equal(out.state.policy_hidden, policy.hidden)  # every row's GRU state advanced
     assert not out.policy.mean.requires_grad  # the policy acts without gradients
+
+
+def test_ppo_min_rollout_waits_for_enough_images_and_the_epochs_last_update_takes_the_rest(monkeypatch):
+    from glancefocus.model import create_model
+    from glancefocus.train import one_stage
+    from glancefocus.train.faults import NonFiniteGuard
+    from glancefocus.train.runtime import Runtime, start_runtime
+
+    model = create_model("demo", patch_size=16)
+    settings = load_config(None, ["train.one_stage.ppo_every=2",
+                                  "train.one_stage.ppo_min_rollout=10"]).train.one_stage
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.0)
+    learner = one_stage.InterleavedPPO(model, loss, settings, start_runtime("cpu"), NonFiniteGuard(10))
+    updates = []
+    monkeypatch.setattr(one_stage, "ppo_update", lambda _loss, _opt, rollout, *args, weight, **kw:
+                        updates.append(rollout.actions.shape[1]) or {})
+
+    def step(images, weight=1.0):
+        loss(torch.randn(images, 1, 48, 48), torch.randint(0, 10, (images,)))
+        learner.after_step(True, weight)
+
+    step(3), step(3), step(3, weight=0.0), step(3)
+    assert updates == []                     # 9 images in four steps: fewer than 10
+    step(3)                                  # 12
+    step(2), step(4)                         # 6 images, enough steps: waits for more
+    learner.finish_epoch()                   # the epoch's last update takes them
+    assert updates == [12, 6]
+
+    class TwoProcesses(Runtime):
+        """Another process holds as many images as this one."""
+
+        def sum_across_ranks(self, values):
+            return values.detach().double() * 2
+
+    learner.runtime = TwoProcesses(torch.device("cpu"), world_size=2)
+    step(3), step(3)                         # 6 here, 12 in both processes together
+    assert updates == [12, 6, 6]

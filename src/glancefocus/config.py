@@ -170,6 +170,11 @@ class OneStageConfig(StageConfig):
     images costs about 1.6 times one on a single step's, so above 1 the policy costs less per step;
     it also gets that many times fewer updates, which can delay the epoch in which it finds the
     object."""
+    ppo_min_rollout: int = 0
+    """Images (those that followed the policy) a PPO update waits for, after ppo_every steps at
+    least: with few followers per step (random_fraction_start near 1, a small focus_fraction)
+    an update waits for steps enough to fill a rollout of this size. The epoch's last update
+    runs with what there is. Under torchrun, every process's images together. 0: off."""
     focus_on: str = "uncertain"
     """Which images of a batch take the focus steps when focus_fraction < 1: 'uncertain'
     (those the glance is least sure of: the images early exit would send on, where a look
