@@ -1,6 +1,8 @@
 """GlanceFocusNet: the glance encoder, the focus encoder, the classifier and the patch policy,
-wired as in the paper. `step` runs one glance or focus step; the full pass, training, evaluation
-and the early-exit predictor all drive it, so they cannot drift apart."""
+wired as in the paper. `step` runs one glance or focus step, and picks every focus location
+(the policy's mean or sample, or a uniform draw for exploring rows); `focus_steps` runs the focus
+steps from a state. The full pass, every training recipe's loss and rollout, evaluation and the
+early-exit predictor all drive them, so they cannot drift apart."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -19,7 +19,13 @@ prediction, so the focus steps learn from the images that need them and the poli
 
 The images that followed the policy form its PPO rollout (states, actions, the true class's
 probability after every step), collected from the same forward pass: the policy's updates cost no
-extra pass through the encoders.
+extra pass through the encoders. That pass is a training one, so the encoders' BatchNorm layers
+normalise each focus step with the batch statistics of the focusing sub-batch (of the
+micro-batch; followers and random-location images together): the states and rewards of the
+rollout are those of training mode, not of the running statistics that stage 2's frozen
+encoders (eval mode) use. The steps and their locations are the model's (`model.focus_steps`,
+with `explore` marking the images at random locations), the loop that stage 2's rollout and
+stages 1 and 3 run too.
 """
 from __future__ import annotations
 
