@@ -265,3 +265,17 @@ def test_unknown_authors_arch_is_refused(tmp_path):
     torch.save({"model_name": "vgg16", "model_prime_state_dict": {}, "fc": {}, "flops": [1]}, path)
     with pytest.raises(CheckpointError, match="'vgg16' is not one of the authors'"):
         gf.load_checkpoint(path, trust_pickle=True)
+
+
+def test_a_checkpoint_saved_before_policy_action_scoring_existed_loads_with_density(tmp_path):
+    from glancefocus.checkpoint import model_from_native
+
+    model = gf.create_model("demo", num_classes=10, policy_action_scoring="clamped")
+    gf.save_checkpoint(model, tmp_path / "m.pt")
+    data = read_checkpoint(tmp_path / "m.pt")
+    assert data["config"]["model"]["policy_action_scoring"] == "clamped"
+    assert gf.load_checkpoint(tmp_path / "m.pt").policy.action_scoring == "clamped"
+    del data["config"]["model"]["policy_action_scoring"]  # as saved before the key existed
+    loaded = model_from_native(data)
+    assert loaded.config.policy_action_scoring == "density"
+    assert loaded.policy.action_scoring == "density"

@@ -230,3 +230,27 @@ def _initial_policy(tmp_path):
     torch.manual_seed(0)
     model = GlanceFocusNet(replace(config.model, num_classes=10))
     return [p.detach().clone() for p in model.policy.parameters()]
+
+
+def test_stage2_episodes_are_those_of_the_loop_before_it_moved_into_the_model():
+    from glancefocus.model import create_model
+    from glancefocus.train.ppo import _episode
+
+    torch.manual_seed(0)
+    model = create_model("demo", patch_size=16).eval()
+    images, labels = torch.randn(4, 1, 48, 48), torch.randint(0, 10, (4,))
+    # a frozen copy of ppo._episode's loop before the step loop moved into the model
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        states, actions, logits = [], [], []
+        out = model.step(images)
+        logits.append(out.logits)
+        for _ in range(1, model.config.max_steps):
+            states.append(out.state.feature_map.float())
+            out = model.step(images, out.state, sample=True, generator=generator)
+            actions.append(out.location)
+            logits.append(out.logits)
+        episode = _episode(model, images, labels, CPU, torch.Generator().manual_seed(7))
+    assert torch.equal(episode.states, torch.stack(states))
+    assert torch.equal(episode.actions, torch.stack(actions))
+    assert torch.equal(episode.logits, torch.stack(logits))

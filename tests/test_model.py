@@ -92,6 +92,8 @@ def test_bad_arguments_give_clear_errors():
         create_model("demo", patchsize=3)
     with pytest.raises(ValueError, match="model.classifier"):
         create_model("demo", classifier="transformer")
+    with pytest.raises(ValueError, match=r"model.policy_action_scoring must be one of \('density', 'clamped'\)"):
+        create_model("demo", policy_action_scoring="exact")
     with pytest.raises(ValueError, match="locations"):
         model(torch.randn(1, 1, 64, 64), locations="centre")
 

@@ -156,6 +156,8 @@ def test_stages_cannot_be_chosen_in_one_stage(tmp_path):
         train(one_stage_config(tmp_path, "train.one_stage.focus_fraction_end=1.5"), progress=False)
     with pytest.raises(ValueError, match="ppo_every must be >= 1, got 0"):
         train(one_stage_config(tmp_path, "train.one_stage.ppo_every=0"), progress=False)
+    with pytest.raises(ValueError, match="ppo_min_rollout must be >= 0"):
+        train(one_stage_config(tmp_path, "train.one_stage.ppo_min_rollout=-1"), progress=False)
     with pytest.raises(ValueError, match="focus_on must be 'first' or 'uncertain'"):
         train(one_stage_config(tmp_path, "train.one_stage.focus_on=hardest"), progress=False)
 
@@ -281,6 +283,9 @@ def test_print_config_counts_the_policy_updates(tmp_path):
                                             "train.one_stage.focus_fraction_end=0.25"))
     assert ("6 SGD steps, and 2 PPO updates of the policy (one every 4 steps); the focus steps "
             "on 50% (first epoch) to 25% (last) of each batch") in text
+    text = describe_recipe(one_stage_config(tmp_path, "train.one_stage.ppo_min_rollout=40"))
+    assert ("6 SGD steps, and at most 6 PPO updates of the policy (one every step, once their "
+            "rollout holds 40 images)") in text
 
 
 def test_ddp_two_processes_agree(tmp_path, torchrun_train):
@@ -330,3 +335,109 @@ def test_ppo_every_joins_the_steps_episodes_and_leaves_out_skipped_and_stand_in_
     learner.finish_epoch()                   # nothing left
     assert updates == [(7, 1.0), (1, 0.0)]
     assert learner.updates == 2
+
+
+def _one_stage_before_issue_25(model, images, labels, generator, random_fraction):
+    """A frozen copy of OneStageLoss's focus loop before the step loop moved into the model
+    (focus_fraction 1, dsn_ratio 1, glance weight 1): the policy called directly, its sample
+    drawn, then the uniform locations, then `model.step` at the chosen location."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    policy = model.policy
+    out = model.step(images, aux=True)
+    dsn = F.cross_entropy(out.aux_logits.float(), labels)
+    state, logits, states, actions = out.state, [out.logits], [], []
+    follows = torch.arange(len(labels)) >= int(random_fraction * len(labels))
+    for _ in range(1, model.config.max_steps):
+        with torch.no_grad():
+            feature_map = state.feature_map.detach().float()
+            proposal = policy(feature_map, state.policy_hidden)
+            action = policy.sample(proposal.mean, generator)
+            uniform = torch.rand(action.shape, generator=generator, dtype=action.dtype)
+            location = torch.where(follows[:, None], action, uniform)
+        states.append(feature_map)
+        actions.append(action)
+        out = model.step(images, dataclasses.replace(state, policy_hidden=proposal.hidden),
+                         location=location, aux=True)
+        state = out.state
+        logits.append(out.logits)
+        dsn = dsn + F.cross_entropy(out.aux_logits.float(), labels)
+    ce = sum(F.cross_entropy(step.float(), labels) for step in logits) / len(logits)
+    logits = torch.stack(logits).detach()
+    return (ce + dsn / len(logits), torch.stack(states)[:, follows],
+            torch.stack(actions)[:, follows], logits)
+
+
+def test_one_stage_loss_and_rollout_are_those_of_the_loop_before_it_moved_into_the_model():
+    from glancefocus.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("demo", patch_size=16)
+    images, labels = torch.randn(8, 1, 48, 48), torch.randint(0, 10, (8,))
+    old_loss, old_states, old_actions, old_logits = _one_stage_before_issue_25(
+        model, images, labels, torch.Generator().manual_seed(3), random_fraction=0.25)
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.25)
+    value, logits = loss(images, labels, torch.Generator().manual_seed(3))
+    (episode,) = loss.take_episodes()
+    assert torch.equal(value, old_loss) and torch.equal(logits, old_logits)
+    assert torch.equal(episode.states, old_states) and torch.equal(episode.actions, old_actions)
+    assert episode.actions.shape == (2, 6, 2) and torch.equal(episode.labels, labels[2:])
+
+
+def test_explorers_look_at_uniform_draws_after_the_policys_noise():
+    from glancefocus.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("demo", patch_size=16)
+    images = torch.randn(4, 1, 48, 48)
+    glance = model.step(images)
+    explore = torch.tensor([True, False, True, False])
+    out = model.step(images, glance.state, sample=True, explore=explore,
+                     generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    policy = model.policy(glance.state.feature_map, None)
+    sampled = model.policy.sample(policy.mean, generator)   # the policy's noise first,
+    uniform = torch.rand(4, 2, generator=generator)         # then the uniform locations
+    assert torch.equal(out.location[~explore], sampled[~explore])
+    assert torch.equal(out.location[explore], uniform[explore])
+    assert torch.equal(out.state.policy_hidden, policy.hidden)  # every row's GRU state advanced
+    assert not out.policy.mean.requires_grad  # the policy acts without gradients
+
+
+def test_ppo_min_rollout_waits_for_enough_images_and_the_epochs_last_update_takes_the_rest(monkeypatch):
+    from glancefocus.model import create_model
+    from glancefocus.train import one_stage
+    from glancefocus.train.faults import NonFiniteGuard
+    from glancefocus.train.runtime import Runtime, start_runtime
+
+    model = create_model("demo", patch_size=16)
+    settings = load_config(None, ["train.one_stage.ppo_every=2",
+                                  "train.one_stage.ppo_min_rollout=10"]).train.one_stage
+    loss = OneStageLoss(model, dsn_ratio=1.0, random_fraction=0.0)
+    learner = one_stage.InterleavedPPO(model, loss, settings, start_runtime("cpu"), NonFiniteGuard(10))
+    updates = []
+    monkeypatch.setattr(one_stage, "ppo_update", lambda _loss, _opt, rollout, *args, weight, **kw:
+                        updates.append(rollout.actions.shape[1]) or {})
+
+    def step(images, weight=1.0):
+        loss(torch.randn(images, 1, 48, 48), torch.randint(0, 10, (images,)))
+        learner.after_step(True, weight)
+
+    step(3), step(3), step(3, weight=0.0), step(3)
+    assert updates == []                     # 9 images in four steps: fewer than 10
+    step(3)                                  # 12
+    step(2), step(4)                         # 6 images, enough steps: waits for more
+    learner.finish_epoch()                   # the epoch's last update takes them
+    assert updates == [12, 6]
+
+    class TwoProcesses(Runtime):
+        """Another process holds as many images as this one."""
+
+        def sum_across_ranks(self, values):
+            return values.detach().double() * 2
+
+    learner.runtime = TwoProcesses(torch.device("cpu"), world_size=2)
+    step(3), step(3)                         # 6 here, 12 in both processes together
+    assert updates == [12, 6, 6]

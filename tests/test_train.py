@@ -352,6 +352,43 @@ def test_logit_limit_pushes_saturated_means_back_and_leaves_the_rest_alone():
     assert (policy.actor[0].bias.grad > 0).all()  # descending it lowers the logits
 
 
+def test_clamped_scoring_scores_an_edge_coordinate_by_the_mass_beyond_it():
+    from torch.distributions import Normal
+
+    from glancefocus.policy import PatchPolicy
+
+    density = PatchPolicy(4, (1, 1), hidden=8, std=0.2)
+    clamped = PatchPolicy(4, (1, 1), hidden=8, std=0.2, action_scoring="clamped")
+    mean = torch.tensor([[0.1, 0.9], [0.5, 0.3], [0.97, 0.02]], requires_grad=True)
+    action = torch.tensor([[0.0, 1.0], [0.4, 0.7], [1.0, 0.0]])  # edges, interior, edges
+    normal = Normal(mean.detach(), 0.2)
+    edges = torch.tensor([[normal.cdf(torch.zeros(3, 2))[0, 0], 1 - normal.cdf(torch.ones(3, 2))[0, 1]],
+                          [0.0, 0.0],
+                          [1 - normal.cdf(torch.ones(3, 2))[2, 0], normal.cdf(torch.zeros(3, 2))[2, 1]]])
+    expected = normal.log_prob(action)
+    expected[[0, 0, 2, 2], [0, 1, 0, 1]] = edges[[0, 0, 2, 2], [0, 1, 0, 1]].log()
+    scores = clamped.log_prob(mean, action)
+    assert torch.allclose(scores, expected.sum(-1), atol=1e-5)
+    # the interior row scores the density under either rule; the edge rows do not
+    plain = density.log_prob(mean, action)
+    assert torch.equal(scores[1], plain[1]) and (scores[[0, 2]] != plain[[0, 2]]).all()
+    scores.sum().backward()
+    assert mean.grad.isfinite().all()
+    # 99 stds from the edge the mass beyond it underflows in float32, its log does not
+    narrow = PatchPolicy(4, (1, 1), hidden=8, std=0.01, action_scoring="clamped")
+    far = torch.tensor([[0.99, 0.99]], requires_grad=True)
+    score = narrow.log_prob(far, torch.zeros(1, 2))
+    score.sum().backward()
+    assert Normal(far.detach(), 0.01).cdf(torch.zeros(1, 2)).eq(0).all()
+    assert score.isfinite().all() and far.grad.isfinite().all() and float(score.detach()) < -1000
+    # evaluate scores with the same rule
+    states, actions = torch.randn(2, 5, 4, 1, 1), torch.rand(2, 5, 2).round()
+    evaluation = clamped.evaluate(states, actions)
+    assert torch.equal(evaluation.log_probs, clamped.log_prob(evaluation.means, actions))
+    with pytest.raises(ValueError, match="policy_action_scoring must be one of"):
+        PatchPolicy(4, (1, 1), hidden=8, action_scoring="exact")
+
+
 def test_zero_rewards_are_explained():
     certain = _rollout(torch.ones(3, 64), torch.ones(3, 64, dtype=torch.bool))
     assert "already right at the glance" in explain_rewards(certain, 10)

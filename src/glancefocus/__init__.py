@@ -19,7 +19,8 @@ _PUBLIC = {
     "save_checkpoint": "checkpoint",
     "ConfigError": "config", "DataConfig": "config", "ModelConfig": "config",
     "RunConfig": "config", "TrainConfig": "config", "load_config": "config",
-    "GlanceFocusNet": "model", "GlanceFocusOutput": "model", "StepOutput": "model",
+    "FocusSteps": "model", "GlanceFocusNet": "model", "GlanceFocusOutput": "model",
+    "StepOutput": "model",
     "StepState": "model", "create_model": "model",
     "get_preset": "presets", "preset_names": "presets",
     "ImageTransform": "transforms", "create_transform": "transforms",
@@ -47,6 +48,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .checkpoint import CheckpointError, convert, load_checkpoint, save_checkpoint
     from .config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-    from .model import GlanceFocusNet, GlanceFocusOutput, StepOutput, StepState, create_model
+    from .model import (
+        FocusSteps,
+        GlanceFocusNet,
+        GlanceFocusOutput,
+        StepOutput,
+        StepState,
+        create_model,
+    )
     from .presets import get_preset, preset_names
     from .transforms import ImageTransform, create_transform, resolve_data_config

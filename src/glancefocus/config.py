@@ -41,6 +41,11 @@ class ModelConfig:
     policy_hidden: int = 1024
     policy_std: float = 0.1
     """Standard deviation of the Gaussian location policy."""
+    policy_action_scoring: str = "density"
+    """How PPO scores a location the policy took: 'density' (the Gaussian's density, the
+    authors' rule) or 'clamped' (the probability of the location taken: a sample is clamped
+    to the image, and a coordinate clamped to an edge scores the Gaussian's mass beyond it,
+    which the density leaves out). Checkpoints saved before this key existed take 'density'."""
     glance_interpolation: str = "bicubic"
     glance_antialias: bool = False
     """Antialias the glance resize (better for new training; the authors' checkpoints used none)."""
@@ -165,6 +170,11 @@ class OneStageConfig(StageConfig):
     images costs about 1.6 times one on a single step's, so above 1 the policy costs less per step;
     it also gets that many times fewer updates, which can delay the epoch in which it finds the
     object."""
+    ppo_min_rollout: int = 0
+    """Images (those that followed the policy) a PPO update waits for, after ppo_every steps at
+    least: with few followers per step (random_fraction_start near 1, a small focus_fraction)
+    an update waits for steps enough to fill a rollout of this size. The epoch's last update
+    runs with what there is. Under torchrun, every process's images together. 0: off."""
     focus_on: str = "uncertain"
     """Which images of a batch take the focus steps when focus_fraction < 1: 'uncertain'
     (those the glance is least sure of: the images early exit would send on, where a look

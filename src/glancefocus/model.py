@@ -1,6 +1,8 @@
 """GlanceFocusNet: the glance encoder, the focus encoder, the classifier and the patch policy,
-wired as in the paper. `step` runs one glance or focus step; the full pass, training, evaluation
-and the early-exit predictor all drive it, so they cannot drift apart."""
+wired as in the paper. `step` runs one glance or focus step, and picks every focus location
+(the policy's mean or sample, or a uniform draw for exploring rows); `focus_steps` runs the focus
+steps from a state. The full pass, every training recipe's loss and rollout, evaluation and the
+early-exit predictor all drive them, so they cannot drift apart."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from .classifier import CascadedClassifier, RecurrentClassifier
 from .config import ModelConfig
 from .encoder import Encoder, create_backbone
 from .macs import encoder_macs
-from .policy import PatchPolicy, PolicyOutput
+from .policy import ACTION_SCORINGS, PatchPolicy, PolicyOutput
 
 
 @dataclass
@@ -54,6 +56,20 @@ class GlanceFocusOutput:
     locations: torch.Tensor                  # [T-1, B, 2] in [0, 1]^2
     boxes: torch.Tensor                      # [T, B, 4] pixels (x0, y0, x1, y1)
     aux_logits: Optional[torch.Tensor] = None  # [T, B, K] when asked for
+    states: Optional[torch.Tensor] = None      # [T-1, B, C, h, w] when asked for (see FocusSteps)
+
+
+@dataclass
+class FocusSteps:
+    """The focus steps after a given state, step by step along the first dimension."""
+
+    logits: torch.Tensor                     # [S, B, K]
+    locations: torch.Tensor                  # [S, B, 2] in [0, 1]^2, the locations looked at
+    boxes: torch.Tensor                      # [S, B, 4] pixels (x0, y0, x1, y1)
+    aux_logits: Optional[torch.Tensor] = None  # [S, B, K] when asked for
+    # [S, B, C, h, w] float32, detached: the state maps that chose the S locations (a PPO
+    # episode's states), when asked for
+    states: Optional[torch.Tensor] = None
 
 
 Locations = Union[None, str, torch.Tensor]
@@ -87,7 +103,8 @@ class GlanceFocusNet(nn.Module):
         else:
             self.classifier = CascadedClassifier(feature_dim, config.num_classes, config.max_steps)
         self.policy = PatchPolicy(state_shape[0], state_shape[1:], config.policy_hidden,
-                                  encoder=config.policy_encoder, std=config.policy_std)
+                                  encoder=config.policy_encoder, std=config.policy_std,
+                                  action_scoring=config.policy_action_scoring)
 
     @torch.no_grad()
     def _probe_shapes(self):
@@ -123,12 +140,18 @@ class GlanceFocusNet(nn.Module):
     # ------------------------------------------------------------------------------------------
     def step(self, images: torch.Tensor, state: Optional[StepState] = None,
              location: Optional[torch.Tensor] = None, sample: bool = False,
-             aux: bool = False, generator: Optional[torch.Generator] = None) -> StepOutput:
+             aux: bool = False, generator: Optional[torch.Generator] = None,
+             explore: Optional[torch.Tensor] = None) -> StepOutput:
         """One step on full-resolution `images` [B, C, H, W].
 
         With no `state` this is the glance. Otherwise a focus step: the policy proposes where to
-        look from the state (its mean, or a sample when `sample`), unless `location` [B, 2] is
-        given, in which case the policy does not run.
+        look from the state (its mean, or `policy.sample` around it when `sample`), unless
+        `location` [B, 2] is given, in which case the policy does not run. `explore` (bool [B]):
+        those rows look at uniform random locations instead, drawn after the policy's noise from
+        the same generator; the policy still runs for every row, so its GRU state advances.
+
+        The policy acts without gradients: PPO scores the actions taken by re-running
+        `policy.evaluate` on the recorded states, and the location is not differentiable anyway.
         """
         height, width = images.shape[-2:]
         p = self.config.patch_size
@@ -146,10 +169,8 @@ class GlanceFocusNet(nn.Module):
                 raise ValueError(f"step {step} is past model.max_steps={self.config.max_steps}")
             policy_hidden = state.policy_hidden
             if location is None:
-                policy_out = self.policy(state.feature_map, state.policy_hidden)
+                policy_out, location = self._act(state, sample, generator, explore)
                 policy_hidden = policy_out.hidden
-                location = (self.policy.sample(policy_out.mean, generator) if sample
-                            else policy_out.mean.detach().float())
             view = crops.crop(images, location, p)
             box = crops.crop_boxes(location, height, width, p)
             encoder, classifier_state = self.focus_encoder, state.classifier_state
@@ -167,10 +188,56 @@ class GlanceFocusNet(nn.Module):
             aux_logits=encoder.head(pooled) if aux else None,
         )
 
+    @torch.no_grad()
+    def _act(self, state: StepState, sample: bool, generator: Optional[torch.Generator],
+             explore: Optional[torch.Tensor]) -> tuple[PolicyOutput, torch.Tensor]:
+        """The policy's output and the location to look at: every focus step's one rule."""
+        policy_out = self.policy(state.feature_map, state.policy_hidden)
+        location = (self.policy.sample(policy_out.mean, generator) if sample
+                    else policy_out.mean.float())
+        if explore is not None:
+            uniform = torch.rand(location.shape, generator=generator, device=location.device,
+                                 dtype=location.dtype)
+            location = torch.where(explore[:, None], uniform, location)
+        return policy_out, location
+
+    def focus_steps(self, images: torch.Tensor, state: StepState, locations: Optional[torch.Tensor] = None,
+                    sample: bool = False, steps: Optional[int] = None, aux: bool = False,
+                    generator: Optional[torch.Generator] = None,
+                    explore: Optional[torch.Tensor] = None, keep_states: bool = False) -> FocusSteps:
+        """The focus steps from `state` up to step `steps` (default model.max_steps).
+
+        locations: None (the policy's, see `step`; `explore` as there, the same rows at every
+        step) or a tensor [S, B, 2] of given locations. keep_states: also return the state maps
+        that chose each location, for a PPO episode.
+        """
+        steps = steps or self.config.max_steps
+        logits, locations_taken, boxes, aux_logits, states = [], [], [], [], []
+        for t in range(steps - state.step):
+            if keep_states:
+                states.append(state.feature_map.detach().float())
+            given = None if locations is None else locations[t]
+            out = self.step(images, state, location=given, sample=sample, aux=aux,
+                            generator=generator, explore=explore)
+            state = out.state
+            logits.append(out.logits)
+            locations_taken.append(out.location.float())
+            boxes.append(out.box)
+            aux_logits.append(out.aux_logits)
+        none = images.new_zeros(0, images.shape[0], self.config.num_classes, dtype=torch.float32)
+        return FocusSteps(
+            logits=_stacked(logits, none),
+            locations=_stacked(locations_taken, none[..., :2]),
+            boxes=_stacked(boxes, none[..., :4].long()),
+            aux_logits=_stacked(aux_logits, none) if aux else None,
+            states=_stacked(states, state.feature_map.detach().float()[None][:0]) if keep_states else None,
+        )
+
     def forward(self, images: torch.Tensor, locations: Locations = None, sample: Optional[bool] = None,
                 steps: Optional[int] = None, aux: bool = False,
-                generator: Optional[torch.Generator] = None) -> GlanceFocusOutput:
-        """All steps for every image (anytime prediction).
+                generator: Optional[torch.Generator] = None,
+                keep_states: bool = False) -> GlanceFocusOutput:
+        """All steps for every image (anytime prediction): the glance, then `focus_steps`.
 
         locations: None (the policy: samples in training mode, its mean in eval mode), 'random'
         (uniform, as in stage 1), or a tensor [T-1, B, 2] of given locations.
@@ -184,22 +251,15 @@ class GlanceFocusNet(nn.Module):
             locations = torch.rand(steps - 1, images.shape[0], 2, generator=generator,
                                    device=images.device if generator is None else generator.device)
             locations = locations.to(images.device)
-        out = self.step(images, aux=aux)
-        logits, boxes, aux_logits, chosen = [out.logits], [out.box], [out.aux_logits], []
-        for t in range(1, steps):
-            given = None if locations is None else locations[t - 1]
-            out = self.step(images, out.state, location=given, sample=sample, aux=aux,
-                            generator=generator)
-            logits.append(out.logits)
-            boxes.append(out.box)
-            aux_logits.append(out.aux_logits)
-            chosen.append(out.location.float())
-        empty = images.new_zeros(0, images.shape[0], 2, dtype=torch.float32)
+        glance = self.step(images, aux=aux)
+        focus = self.focus_steps(images, glance.state, locations, sample=sample, steps=steps,
+                                 aux=aux, generator=generator, keep_states=keep_states)
         return GlanceFocusOutput(
-            logits=torch.stack(logits),
-            locations=torch.stack(chosen) if chosen else empty,
-            boxes=torch.stack(boxes),
-            aux_logits=torch.stack(aux_logits) if aux else None,
+            logits=_after(glance.logits, focus.logits),
+            locations=focus.locations,
+            boxes=_after(glance.box, focus.boxes),
+            aux_logits=_after(glance.aux_logits, focus.aux_logits) if aux else None,
+            states=focus.states,
         )
 
     def predict(self, images: torch.Tensor, budget: Optional[float] = None,
@@ -220,6 +280,17 @@ class GlanceFocusNet(nn.Module):
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         self.glance_encoder.activation_checkpointing = enabled
         self.focus_encoder.activation_checkpointing = enabled
+
+
+def _stacked(steps: list, none: torch.Tensor) -> torch.Tensor:
+    """The steps' tensors stacked along a new first dimension; `none` when there are none."""
+    return torch.stack(steps) if steps else none
+
+
+def _after(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """`first` [B, ...] then the steps `rest` [S, B, ...], stacked (as `first`'s dtype when
+    there are none)."""
+    return torch.cat([first[None], rest]) if len(rest) else first[None]
 
 
 def _validate(config: ModelConfig) -> None:
@@ -243,6 +314,9 @@ def _validate(config: ModelConfig) -> None:
          f"model.glance_interpolation must be one of {crops.INTERPOLATIONS}, "
          f"got {config.glance_interpolation!r}")
     need(config.policy_std > 0, f"model.policy_std must be > 0, got {config.policy_std}")
+    need(config.policy_action_scoring in ACTION_SCORINGS,
+         f"model.policy_action_scoring must be one of {ACTION_SCORINGS}, "
+         f"got {config.policy_action_scoring!r}")
 
 
 def create_model(arch: str, num_classes: Optional[int] = None, patch_size: Optional[int] = None,

@@ -2,8 +2,11 @@
 
 The state is the last feature map of the previous step. A state encoder, a GRU across focus
 steps, then an actor (the mean location in [0, 1]^2, via a sigmoid) and a critic (the value).
-Actions are 2-D Gaussians with a fixed standard deviation around the mean; evaluation uses the
-mean. Module names follow the authors' checkpoints (state_encoder, gru, actor.0, critic.0).
+Actions are 2-D Gaussians with a fixed standard deviation around the mean, clamped to the image
+([0, 1]^2); evaluation uses the mean. PPO scores an action taken by its Gaussian density
+('density', the authors' rule), or ('clamped') by the probability of what was taken: a
+coordinate clamped to an edge is the whole Gaussian mass beyond that edge, which the density
+ignores. Module names follow the authors' checkpoints (state_encoder, gru, actor.0, critic.0).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 from torch.distributions import Normal
+
+ACTION_SCORINGS = ("density", "clamped")
+"""How PatchPolicy scores an action taken (model.policy_action_scoring's choices)."""
 
 
 @dataclass
@@ -32,8 +38,11 @@ class EpisodeEvaluation(NamedTuple):
 
 class PatchPolicy(nn.Module):
     def __init__(self, state_channels: int, state_size: tuple[int, int], hidden: int,
-                 encoder: str = "linear", std: float = 0.1):
+                 encoder: str = "linear", std: float = 0.1, action_scoring: str = "density"):
         super().__init__()
+        if action_scoring not in ACTION_SCORINGS:
+            raise ValueError(f"model.policy_action_scoring must be one of {ACTION_SCORINGS}, "
+                             f"got {action_scoring!r}")
         h, w = state_size
         if encoder == "linear":     # the authors' choice for ResNet and DenseNet
             self.state_encoder = nn.Sequential(
@@ -50,6 +59,7 @@ class PatchPolicy(nn.Module):
         self.actor = nn.Sequential(nn.Linear(hidden, 2), nn.Sigmoid())
         self.critic = nn.Sequential(nn.Linear(hidden, 1))
         self.std = std
+        self.action_scoring = action_scoring
 
     def _encode(self, state_map: torch.Tensor) -> torch.Tensor:
         if self.encoder_kind == "linear":
@@ -73,7 +83,25 @@ class PatchPolicy(nn.Module):
         return (mean.detach().float() + self.std * noise).clamp(0.0, 1.0)
 
     def log_prob(self, mean: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.distribution(mean).log_prob(action.float()).sum(-1)
+        """The log-probability [...] of `action` [..., 2] taken around `mean` (see _score)."""
+        return self._score(self.distribution(mean), action)
+
+    def _score(self, dist: Normal, action: torch.Tensor) -> torch.Tensor:
+        """The one scoring rule of an action taken, summed over its coordinates.
+
+        'density': the Gaussian's log density, as if no coordinate were clamped. 'clamped': a
+        coordinate at exactly 0 or 1 was clamped there from anywhere beyond, so it scores the
+        Gaussian's mass beyond that edge, log Phi((0 - mean) / std) or log Phi((mean - 1) / std)
+        (log_ndtr: finite, with finite gradients, however far the mean is from the edge); the
+        interior scores the density as before."""
+        action = action.float()
+        scores = dist.log_prob(action)
+        if self.action_scoring == "clamped":
+            mean = dist.loc
+            below = torch.special.log_ndtr((0.0 - mean) / self.std)
+            above = torch.special.log_ndtr((mean - 1.0) / self.std)
+            scores = torch.where(action <= 0.0, below, torch.where(action >= 1.0, above, scores))
+        return scores.sum(-1)
 
     def evaluate(self, state_maps: torch.Tensor, actions: torch.Tensor) -> EpisodeEvaluation:
         """Re-run the policy over a whole episode for PPO.
@@ -89,5 +117,6 @@ class PatchPolicy(nn.Module):
         means = sigmoid(mean_logits)
         values = self.critic(output)[..., 0]
         dist = self.distribution(means)
-        return EpisodeEvaluation(dist.log_prob(actions.float()).sum(-1), values,
+        # the entropy is the Gaussian's under either scoring: a constant for the fixed std
+        return EpisodeEvaluation(self._score(dist, actions), values,
                                  dist.entropy().sum(-1), means, mean_logits)

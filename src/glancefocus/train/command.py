@@ -208,11 +208,15 @@ def describe_recipe(config: RunConfig) -> str:
                  f"{one.focus_fraction:.0%} (first epoch) to {end:.0%} (last)")
         focus = ("" if min(one.focus_fraction, end) >= 1 else
                  f"; the focus steps on {share} of each batch{which}")
-        if one.ppo_every == 1:
+        updates = one.epochs * math.ceil(steps_per_epoch / one.ppo_every)
+        every = "one every step" if one.ppo_every == 1 else f"one every {one.ppo_every} steps"
+        if one.ppo_min_rollout:
+            policy = (f"and at most {updates} PPO updates of the policy ({every}, once their "
+                      f"rollout holds {one.ppo_min_rollout} images)")
+        elif one.ppo_every == 1:
             policy = "each followed by a PPO update of the policy"
         else:
-            updates = one.epochs * math.ceil(steps_per_epoch / one.ppo_every)
-            policy = f"and {updates} PPO updates of the policy (one every {one.ppo_every} steps)"
+            policy = f"and {updates} PPO updates of the policy ({every})"
         lines = head + [f"one-stage: {one.epochs} epochs = {one.epochs * steps_per_epoch} SGD "
                         f"steps, {policy}{focus}"]
     else:

@@ -16,7 +16,7 @@ stage 2 and the one-stage recipe, the bytes of:
   the weights under autocast, is the intercept). Stage 2 counts the rollout's kept tensors and
   what one PPO update saves, over the whole batch (its update is not split into micro-batches);
   the one-stage recipe adds to stage 1's count the rollout states of `ppo_every` steps' batches
-  and the PPO update on them;
+  (or of `ppo_min_rollout` images and one batch more, when larger) and the PPO update on them;
 - with activation checkpointing: the inputs of the checkpointed encoder passes (kept) plus the
   peak of the backward pass, which recomputes one encoder pass at a time (counted as the saved
   tensors of one encoder pass without checkpointing);
@@ -344,7 +344,9 @@ class MemoryCounter:
             row["activations_bytes"] = int(counts.saved_slope * micro + counts.saved_base)
         if kind == "one-stage":  # ppo_every steps of rollout states, and the update on them
             ppo = self.counts("2", "none", False)
-            images = batch * config.train.one_stage.ppo_every
+            one = config.train.one_stage
+            # a rollout that waits for ppo_min_rollout images holds fewer than one batch more
+            images = max(batch * one.ppo_every, one.ppo_min_rollout + batch - 1)
             row["rollout_bytes"] = int(ppo.saved_slope * images + ppo.saved_base)
         row["recompute_peak_bytes"] = (int(counts.recompute_slope * micro + counts.recompute_base)
                                        if row["activation_checkpointing"] else 0)

@@ -23,6 +23,8 @@ import logging
 import math
 from typing import Optional
 
+import torch
+
 from .diagnosis import WARN_EVERY, explain_locations, explain_rewards
 from .faults import NonFiniteGuard
 from .one_stage_loss import OneStageLoss
@@ -33,7 +35,15 @@ log = logging.getLogger("glancefocus.train")
 
 class InterleavedPPO:
     """The policy's optimiser and the PPO update that follows every `ppo_every` classifier
-    steps (and an epoch's last steps)."""
+    steps (and an epoch's last steps).
+
+    ppo_min_rollout (images, 0: off): an update also waits until the joined episodes hold at
+    least that many images, so that a share of followers that is small (early in a run, or
+    with a small focus_fraction) still gives PPO a rollout of a useful size; the epoch's last
+    update runs with what there is. Under torchrun the count is that of every process's
+    images together (one all-reduce of a number per classifier step once ppo_every steps are
+    in), so that the processes, whose batches can differ in size when files are unreadable,
+    all decide alike and enter the update together."""
 
     def __init__(self, model, loss: OneStageLoss, settings, runtime: Runtime,
                  guard: NonFiniteGuard):
@@ -50,6 +60,7 @@ class InterleavedPPO:
         self._last_warning = -math.inf
         self._steps = 0               # classifier steps since the last update
         self._episodes: list[Episode] = []  # their episodes
+        self._images = 0              # the images of those episodes
         self._stand_in: list[Episode] = []  # a stand-in batch's, for when there are no others
 
     def after_step(self, applied: bool, weight: float) -> None:
@@ -61,21 +72,33 @@ class InterleavedPPO:
             return
         if weight:
             self._episodes += episodes
+            self._images += sum(len(episode.labels) for episode in episodes)
         else:
             self._stand_in = episodes
         self._steps += 1
-        if self._steps >= self.settings.ppo_every:
+        if self._steps >= self.settings.ppo_every and self._rollout_is_large_enough():
             self._update()
 
+    def _rollout_is_large_enough(self) -> bool:
+        """Whether the joined episodes hold ppo_min_rollout images (every process's together)."""
+        least = self.settings.ppo_min_rollout
+        if not least:
+            return True
+        images = self._images
+        if self.runtime.distributed:
+            images = int(self.runtime.sum_across_ranks(torch.tensor(float(images))))
+        return images >= least
+
     def finish_epoch(self) -> None:
-        """The update on the epoch's last steps, when they were fewer than ppo_every."""
+        """The update on the epoch's last steps, when they were fewer than ppo_every or their
+        rollout smaller than ppo_min_rollout."""
         if self._steps:
             self._update()
 
     def _update(self) -> None:
         # a process whose batches were all stand-ins still takes part in the update, adding nothing
         episodes, weight = (self._episodes, 1.0) if self._episodes else (self._stand_in, 0.0)
-        self._steps, self._episodes, self._stand_in = 0, [], []
+        self._steps, self._episodes, self._stand_in, self._images = 0, [], [], 0
         if not episodes:  # no image followed the policy (random_fraction 1): on every process
             return
         rollout = rollout_of(self.model.policy, episodes)

@@ -19,11 +19,16 @@ prediction, so the focus steps learn from the images that need them and the poli
 
 The images that followed the policy form its PPO rollout (states, actions, the true class's
 probability after every step), collected from the same forward pass: the policy's updates cost no
-extra pass through the encoders.
+extra pass through the encoders. That pass is a training one, so the encoders' BatchNorm layers
+normalise each focus step with the batch statistics of the focusing sub-batch (of the
+micro-batch; followers and random-location images together): the states and rewards of the
+rollout are those of training mode, not of the running statistics that stage 2's frozen
+encoders (eval mode) use. The steps and their locations are the model's (`model.focus_steps`,
+with `explore` marking the images at random locations), the loop that stage 2's rollout and
+stages 1 and 3 run too.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -64,7 +69,7 @@ class OneStageLoss(nn.Module):
         return min(int(self.random_fraction * batch), batch - 1)
 
     def forward(self, images, labels, generator: Optional[torch.Generator] = None):
-        model, policy = self.model, self.model.policy
+        model = self.model
         batch = images.shape[0]
         out = model.step(images, aux=True)
         glance_logits, dsn = out.logits, F.cross_entropy(out.aux_logits.float(), labels)
@@ -73,29 +78,17 @@ class OneStageLoss(nn.Module):
         state = out.state if focused == batch else out.state.select(index)
         images, focus_labels = images[index], labels[index]
         follows = torch.arange(focused, device=images.device) >= self.random_count(focused)
-        logits, states, actions = [glance_logits[index]], [], []
-        for _ in range(1, model.config.max_steps):
-            with torch.no_grad():
-                feature_map = state.feature_map.detach().float()
-                proposal = policy(feature_map, state.policy_hidden)
-                action = policy.sample(proposal.mean, generator)
-                uniform = torch.rand(action.shape, generator=generator, device=action.device,
-                                     dtype=action.dtype)
-                location = torch.where(follows[:, None], action, uniform)
-            states.append(feature_map)
-            actions.append(action)
-            out = model.step(images, dataclasses.replace(state, policy_hidden=proposal.hidden),
-                             location=location, aux=True)
-            state = out.state
-            logits.append(out.logits)
-            dsn = dsn + F.cross_entropy(out.aux_logits.float(), focus_labels)
+        focus = model.focus_steps(images, state, sample=True, aux=True, generator=generator,
+                                  explore=~follows, keep_states=True)
+        for aux_logits in focus.aux_logits:
+            dsn = dsn + F.cross_entropy(aux_logits.float(), focus_labels)
+        logits = [glance_logits[index], *focus.logits]
         # the glance's cross-entropy over the whole batch, the focus steps' over their images
         ce = [F.cross_entropy(glance_logits.float(), labels)]
         ce += [F.cross_entropy(step.float(), focus_labels) for step in logits[1:]]
         logits = torch.stack(logits).detach()
-        if states and bool(follows.any()):
-            self._episodes.append(Episode(torch.stack(states)[:, follows],
-                                          torch.stack(actions)[:, follows],
+        if len(focus.states) and bool(follows.any()):
+            self._episodes.append(Episode(focus.states[:, follows], focus.locations[:, follows],
                                           logits[:, follows], focus_labels[follows]))
         steps = len(logits)
         # a weighted mean over the steps, so the weight moves the balance, not the step size

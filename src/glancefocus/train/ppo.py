@@ -78,16 +78,9 @@ def collect_rollout(model, images: torch.Tensor, labels: torch.Tensor, runtime: 
 
 
 def _episode(model, images, labels, runtime: Runtime, generator) -> Episode:
-    states, actions, logits = [], [], []
     with runtime.autocast():
-        out = model.step(images)
-        logits.append(out.logits)
-        for _ in range(1, model.config.max_steps):
-            states.append(out.state.feature_map.float())
-            out = model.step(images, out.state, sample=True, generator=generator)
-            actions.append(out.location)
-            logits.append(out.logits)
-    return Episode(torch.stack(states), torch.stack(actions), torch.stack(logits), labels)
+        out = model(images, sample=True, generator=generator, keep_states=True)
+    return Episode(out.states, out.locations, out.logits, labels)
 
 
 @torch.no_grad()

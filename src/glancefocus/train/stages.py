@@ -312,6 +312,9 @@ def _check_one_stage_settings(settings) -> None:
             raise ValueError(f"train.one_stage.{key} must be in (0, 1], got {value}")
     if settings.ppo_every < 1:
         raise ValueError(f"train.one_stage.ppo_every must be >= 1, got {settings.ppo_every}")
+    if settings.ppo_min_rollout < 0:
+        raise ValueError("train.one_stage.ppo_min_rollout must be >= 0 (0: off), got "
+                         f"{settings.ppo_min_rollout}")
     if settings.focus_on not in FOCUS_ON:
         raise ValueError("train.one_stage.focus_on must be 'first' or 'uncertain', got "
                          f"{settings.focus_on!r}")
