@@ -65,8 +65,9 @@ def collect_rollout(model, images: torch.Tensor, labels: torch.Tensor, runtime: 
     On CPUs the images go channels-last: the frozen encoders' convolutions run faster so
     (oneDNN's native layout; ResNet-50 at P 96 about 0.75x the CPU time), and the crops keep
     the layout. The frozen encoders run with BatchNorm folded into their convolutions
-    (folding.py; `fold=False`: as they are). The outputs differ from channels-first, unfolded ones only in float
-    rounding. The rollout is not evaluated here: PPO's first pass does it (see ppo_update)."""
+    (folding.py; `fold=False`: as they are). The outputs differ from channels-first, unfolded
+    ones only in float rounding. The rollout is not evaluated here: PPO's first pass does it
+    (see ppo_update)."""
     if images.device.type == "cpu" and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     size = micro_batch if micro_batch > 0 else images.shape[0]
