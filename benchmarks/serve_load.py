@@ -150,7 +150,8 @@ def bad_requests(good: bytes, body_limit: int) -> list:
 
 class Connection:
     """One keep-alive HTTP/1.1 connection on asyncio streams: each request written whole, its
-    answer read by Content-Length (what the server sends). A connection the server closes (Connection: close) is opened again next time."""
+    answer read by Content-Length (what the server sends). A connection the server closes
+    (Connection: close) is opened again next time."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
