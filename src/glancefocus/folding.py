@@ -143,6 +143,11 @@ def inference_backbone(encoder) -> nn.Module:
     key = weights_key(backbone)
     cached = encoder._folded
     if cached is None or cached[0] != key:
-        cached = (key, fold_batchnorm(backbone))
+        folded = fold_batchnorm(backbone)
+        if folded is not None and key and key[0][3].type == "cpu":
+            # the rollout's images are channels-last on CPUs (ppo.collect_rollout): weights in
+            # the same layout spare oneDNN a reorder per call (ResNet-50 at P 96: 0.95x the time)
+            folded = folded.to(memory_format=torch.channels_last)
+        cached = (key, folded)
         encoder._folded = cached
     return backbone if cached[1] is None else cached[1]
