@@ -62,8 +62,7 @@ def start_server(folder, port: int, args, extra=()) -> subprocess.Popen:
     command = [sys.executable, "-m", "glancefocus_runtime.server.cli", str(folder), "--port",
                str(port), "--max-batch", str(args.max_batch), "--max-wait-ms",
                str(args.max_wait_ms), "--schedule", args.schedule, "--log-level", "warning",
-               *(["--threads", str(args.threads)] if args.threads else []),
-               *(["--concurrent-graphs"] if args.concurrent_graphs else []), *extra]
+               *(["--threads", str(args.threads)] if args.threads else []), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_healthy(f"http://127.0.0.1:{port}", process)
     return process
@@ -341,7 +340,6 @@ def main(argv=None) -> dict:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--schedule", choices=("continuous", "fixed"), default="continuous")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--concurrent-graphs", action="store_true", help="the server's option")
     p.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
     p.add_argument("--bad-every", type=int, default=0)
     p.add_argument("--check", action="store_true")
@@ -359,8 +357,7 @@ def main(argv=None) -> dict:
     report = {"exported_dir": str(args.exported_dir), "images": len(images),
               "clients": args.clients, "rate": args.rate, "max_batch": args.max_batch,
               "max_wait_ms": args.max_wait_ms, "schedule": args.schedule,
-              "threads": args.threads, "concurrent_graphs": args.concurrent_graphs,
-              "cpu_count": os.cpu_count(),
+              "threads": args.threads, "cpu_count": os.cpu_count(),
               "load_average_before": os.getloadavg(), "runs": []}
     try:
         rss_start = resident_mb(server.pid)

@@ -102,37 +102,6 @@ def test_early_exit_matches_torch_at_five_budgets(exported):
     assert len(set(got.exit_steps.tolist())) == 1  # no budget: everyone runs every step
 
 
-def test_concurrent_graphs_give_the_same_answers_as_one_call_at_a_time(exported):
-    """Images joining an ExitPool in three waves, so that the glance and the focus graph both
-    run in most rounds: with concurrent_graphs (the two calls in two threads, 1 intra-op
-    thread each) every image gets the answer ExportedPredictor.run gives it alone."""
-    from glancefocus_runtime.pool import ExitPool
-
-    _, folder = exported
-    images = varied_images(24, seed=2, side=100).numpy()
-    budget = sorted(ExportedPredictor(folder).model.exit_curve["macs"])[18]
-    want = ExportedPredictor(folder, budget=budget).run(images)
-    model = ExportedModel(folder, threads=2, concurrent_graphs=True)
-    assert model.concurrent_graphs
-    thresholds = ExportedPredictor(model, budget=budget).thresholds
-    pool, finished, rounds_with_both = ExitPool(model), [], 0
-    for start in (0, 8, 16, None):  # a wave of 8 joins before each of the first three rounds
-        if start is not None:
-            pool.add(images[start:start + 8], thresholds, range(start, start + 8))
-        while len(pool):
-            rounds_with_both += len(pool.batch_sizes()) == 2
-            finished += pool.advance()
-            if start is not None:
-                break
-    got = {answer.tag: answer for answer in finished}
-    assert sorted(got) == list(range(24)) and rounds_with_both >= 2
-    assert model._executor is not None  # the second thread ran
-    for i, answer in got.items():
-        assert (answer.label, answer.exit_step) == (want.labels[i], want.exit_steps[i])
-        assert answer.confidence == pytest.approx(want.confidences[i], abs=1e-5)
-        np.testing.assert_array_equal(answer.boxes, want.boxes[i, :answer.exit_step])
-
-
 @pytest.mark.parametrize("mode,interpolation,resize,crop", [
     ("RGB", "bilinear", 40, 32), ("RGB", "bicubic", 37, 30), ("L", "bilinear", 50, 50)])
 def test_preprocessing_equals_create_transform(mode, interpolation, resize, crop):

@@ -380,13 +380,12 @@ def test_static_baseline_exported_and_served_the_same_way(tmp_path, images):
 
 
 def test_serve_load_smoke(exported_demo, images, tmp_path):
-    # the server with --concurrent-graphs: its answers checked against ExportedPredictor's
     _, folder = exported_demo
     out = tmp_path / "load.json"
     report = serve_load.main([str(folder), "--images", str(images[0].parent), "--clients", "4",
                               "--duration", "1.5", "--warmup", "0", "--threads", "1",
                               "--budget-q", "0.5", "--bad-every", "5", "--check",
-                              "--concurrent-graphs", "--json", str(out)])
+                              "--json", str(out)])
     run = report["runs"][0]
     assert json.loads(out.read_text())["runs"][0]["ok"] == run["ok"] > 0
     assert run["errors"] == {} and run["wrong"] == 0 and run["bad_not_4xx"] == {}

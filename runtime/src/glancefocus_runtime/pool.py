@@ -67,23 +67,20 @@ class ExitPool:
         """Run every image in flight through its next step (one call per graph): the images
         that exit are returned, the others wait for their next step."""
         groups, self.waiting = self.waiting, {}
-        batches = [_join(parts, self.model.state_axis) for parts in groups.values()]
-        # every row of a batch waits for the same graph: its first row's step picks it
-        outputs = self.model.run_steps([(int(rows["steps"][0]), rows["images"],
-                                         rows["state"] or None) for rows in batches])
         finished = []
-        for rows, output in zip(batches, outputs):
-            finished += self._exit(rows, output)
+        for parts in groups.values():
+            finished += self._run(_join(parts, self.model.state_axis))
         self.size -= len(finished)
         return finished
 
     def _wait(self, graph: str, rows: dict) -> None:
         self.waiting.setdefault(graph, []).append(rows)
 
-    def _exit(self, rows: dict, outputs: dict) -> list[Finished]:
-        """After a step: the rows that exit, and the others queued for their next step."""
+    def _run(self, rows: dict) -> list[Finished]:
         model, last = self.model, self.model.max_steps
         steps = rows["steps"]
+        # every row here waits for the same graph: the first row's step picks it
+        outputs = model.step(int(steps[0]), rows["images"], rows["state"] or None)
         confidences, labels = exit_rule.softmax_confidences(outputs["logits"])
         index = np.arange(len(steps))
         rows["boxes"][index, steps - 1] = outputs["box"]

@@ -6,7 +6,6 @@ only: no PyTorch.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -62,13 +61,10 @@ class ExportedModel:
     threads: onnxruntime's intra-op threads (default: its own choice). providers: onnxruntime's
     execution providers in order of preference ('cuda', 'CUDAExecutionProvider', ...; default
     CPU); one that is not available here is left out with a warning, and CPU is always last.
-    concurrent_graphs: run_steps runs the calls of different graphs (the glance of images that
-    just joined a server's batch, the focus steps of the others) at the same time, each graph's
-    session with its share of `threads` (at least 1); a lone call then gets only that share.
     """
 
     def __init__(self, folder: Union[str, Path], threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None, concurrent_graphs: bool = False):
+                 providers: Optional[Sequence[str]] = None):
         ort = require_onnxruntime()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
@@ -86,17 +82,16 @@ class ExportedModel:
         # threads of the idle session took the cores from the running one: with spinning on,
         # the demo ran up to 1.7x slower (2 cores, batch 256).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graphs = list(dict.fromkeys(entry["graph"] for entry in self.manifest["steps"]))
-        self.concurrent_graphs = bool(concurrent_graphs) and len(graphs) > 1
         if threads:
-            share = int(threads) // len(graphs) if self.concurrent_graphs else int(threads)
-            options.intra_op_num_threads = max(1, share)
+            options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         self.providers = session_providers(ort, providers)
-        sessions = {name: ort.InferenceSession(str(self.folder / name), options,
-                                               providers=self.providers) for name in graphs}
-        self.graph_count = len(graphs)
-        self._executor = None  # run_steps' helper threads, made on first use
+        sessions = {}
+        for entry in self.manifest["steps"]:
+            name = entry["graph"]
+            if name not in sessions:
+                sessions[name] = ort.InferenceSession(str(self.folder / name), options,
+                                                      providers=self.providers)
         self.providers = check_session_providers(next(iter(sessions.values())), self.providers)
         self.steps = [sessions[entry["graph"]] for entry in self.manifest["steps"]]
         self.output_names = [[o.name for o in s.get_outputs()] for s in self.steps]
@@ -121,19 +116,6 @@ class ExportedModel:
         'box'}; `state` maps the state names (manifest 'state_batch_axis') to arrays."""
         feed = {"images": images, **(state or {})}
         return dict(zip(self.output_names[k - 1], self.steps[k - 1].run(None, feed)))
-
-    def run_steps(self, calls: Sequence[tuple]) -> list[dict]:
-        """step(*call) for each call (k, images, state) of a round, in order. With
-        concurrent_graphs the calls run at the same time (onnxruntime releases the GIL): all but
-        the last in a helper thread pool, the last in this thread."""
-        if not self.concurrent_graphs or len(calls) < 2:
-            return [self.step(*call) for call in calls]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.graph_count - 1,
-                                                thread_name_prefix="glancefocus-step")
-        pending = [self._executor.submit(self.step, *call) for call in calls[:-1]]
-        last = self.step(*calls[-1])
-        return [future.result() for future in pending] + [last]
 
     def select(self, outputs: dict, keep: np.ndarray) -> dict:
         """The state of the images still running (each state tensor along its batch axis)."""

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from .. import exit_rule, images
 from ..images import ImageReadError, ImageTooLargeError, ImageTooSmallError
-from ..predictor import ExportedModel, ExportedPredictor, top_classes
+from ..predictor import ExportedPredictor, top_classes
 from .batcher import SCHEDULES, Batcher, BatcherClosedError
 from .metrics import ServerMetrics
 
@@ -63,7 +63,6 @@ class ServeConfig:
     budget: Optional[float] = None      # default MACs budget (None: every step, unless asked)
     providers: Optional[list] = None    # onnxruntime execution providers, best first
     threads: Optional[int] = None       # onnxruntime intra-op threads
-    concurrent_graphs: bool = False     # a round's glance and focus calls at the same time
     schedule: str = "continuous"
     max_body_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000        # declared in the header; checked before decoding
@@ -99,9 +98,8 @@ class RequestError(HTTPException):
 class Service:
     def __init__(self, config: ServeConfig):
         self.config = config.check()
-        model = ExportedModel(config.exported_dir, config.threads, config.providers,
-                              concurrent_graphs=config.concurrent_graphs)
-        self.predictor = ExportedPredictor(model, budget=config.budget)
+        self.predictor = ExportedPredictor(config.exported_dir, budget=config.budget,
+                                           threads=config.threads, providers=config.providers)
         self.model = self.predictor.model
         self.transform = self.model.transform()
         self.metrics = ServerMetrics()

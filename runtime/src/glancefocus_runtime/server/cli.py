@@ -36,10 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "available falls back to CPU with a warning")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="onnxruntime intra-op threads (default: its own choice)")
-    p.add_argument("--concurrent-graphs", action="store_true",
-                   help="run the glance of the images that just joined and the focus step of "
-                        "the others at the same time, each graph with half of --threads (for "
-                        "small batches of a large model, e.g. resnet50 with 8 clients)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes (each loads the model and batches on its own)")
     p.add_argument("--schedule", choices=("continuous", "fixed"), default="continuous",
@@ -91,8 +87,7 @@ def serve(args: argparse.Namespace) -> int:
         config = ServeConfig(
             exported_dir=args.exported_dir, max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms, budget=args.budget, providers=args.provider,
-            threads=args.threads, concurrent_graphs=args.concurrent_graphs,
-            schedule=args.schedule,
+            threads=args.threads, schedule=args.schedule,
             max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
             timeout_s=args.timeout_s).check()
     except (ManifestError, ValueError) as exc:
