@@ -103,3 +103,9 @@ def test_any_timm_cnn_gets_a_default_configuration():
     assert isinstance(model, GlanceFocusNet)
     assert model.config.classifier == "recurrent" and model.config.policy_encoder == "conv"
     assert model(torch.randn(1, 3, 50, 40)).logits.shape == (2, 1, 3)
+
+
+def test_the_demo_presets_score_clamped_actions_and_the_authors_presets_keep_density():
+    assert create_model("demo").policy.action_scoring == "clamped"
+    assert create_model("demo_vit").policy.action_scoring == "clamped"
+    assert create_model("resnet50", num_classes=10).policy.action_scoring == "density"

@@ -96,7 +96,11 @@ PRESETS: dict[str, dict] = {
         # trains on a folder of images
         "model": dict(arch="demo_cnn", in_chans=1, patch_size=32, max_steps=3,
                       classifier="recurrent", classifier_hidden=128, policy_encoder="conv",
-                      policy_hidden=128, glance_interpolation="bilinear", glance_antialias=True),
+                      policy_hidden=128, glance_interpolation="bilinear", glance_antialias=True,
+                      # PPO scores a clamped location by the mass beyond the edge: over three
+                      # seeds the same mean accuracy, the focus steps less spread across seeds
+                      # (0.29 / 0.16 against 0.38 / 0.29 points at 100 x 100)
+                      policy_action_scoring="clamped"),
         "data": dict(dataset="cluttered-mnist", image_size=100, canvas_size=100, num_clutter=8,
                      clutter_size=8, mean=[0.5], std=[0.5], train_canvases=20000,
                      test_canvases=5000),
