@@ -211,8 +211,7 @@ async def drive(url: str, images: list, budget, args, expected=None, body_limit=
     async def one(n: int) -> None:
         connection = idle.pop()
         try:
-            async with asyncio.timeout(60.0):
-                await send(connection, n)
+            await asyncio.wait_for(send(connection, n), 60.0)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             error(type(exc).__name__)
         finally:
