@@ -88,3 +88,24 @@ class _Branching(nn.Module):
 def test_a_backbone_that_does_not_trace_runs_unfolded():
     assert conv_batchnorm_pairs(_Branching()) == []
     assert fold_batchnorm(_Branching()) is None
+
+
+class _ScaledNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward does more than the affine map."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _WithScaledNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3), _ScaledNorm(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward_features(self, x):
+        return self.bn2(self.conv2(self.bn(self.conv(x))))
+
+
+def test_only_known_batchnorms_are_folded():
+    assert conv_batchnorm_pairs(_WithScaledNorm()) == [("conv2", "bn2")]

@@ -59,7 +59,7 @@ def conv_batchnorm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or not _foldable_norm(modules[node.target]):
             continue
         source = node.args[0] if node.args else None
         if (isinstance(source, fx.Node) and source.op == "call_module"
@@ -69,6 +69,18 @@ def conv_batchnorm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
             pairs.append((source.target.removeprefix("backbone."),
                           node.target.removeprefix("backbone.")))
     return pairs
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    """torch's BatchNorm2d itself, or timm's BatchNormAct2d (an activation after it): other
+    subclasses may do more in their forward than the affine map folding replaces."""
+    if type(module) is nn.BatchNorm2d:
+        return True
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:
+        return False
+    return type(module) is BatchNormAct2d
 
 
 def fold_batchnorm(backbone: nn.Module) -> Optional[nn.Module]:
