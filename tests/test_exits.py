@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from glancefocus.exits import (
@@ -249,6 +249,8 @@ def test_exit_steps_matches_loop(conf, data):
 
 @settings(max_examples=200, deadline=None)
 @given(conf=conf_matrices("distinct"), q=budgets)
+# found by hypothesis on one CI-like run: N * share_k lands on an integer in float32 only
+@example(conf=torch.arange(1, 20, dtype=torch.float32).div(20).repeat(3, 1), q=1.5)
 def test_distinct_confidences_exit_exactly_n_k(conf, q):
     # With distinct confidences within each step, no tie overshoots, so before step k at most
     # sum_{j<k} n_j <= N (1 - share_k - ...) samples are marked and n_k unmarked always remain:
@@ -258,11 +260,12 @@ def test_distinct_confidences_exit_exactly_n_k(conf, q):
     thr = calibrate_thresholds(conf, shares)
     want = n_exits(n, shares)
     assert exit_counts(conf, thr) == want + [n - sum(want)]
-    # Hence never more than the target share at a step k < T (nor cumulatively up to k).
+    # Hence never more than the target share at a step k < T (nor cumulatively up to k), with
+    # N * share_k in float32 as n_k is (19 * float32(6/19) is 6.0 there, 5.99999974 in float64)
     counts = exit_counts(conf, thr)
     for k in range(steps - 1):
-        assert counts[k] <= n * float(shares[k])
-        assert sum(counts[: k + 1]) <= n * float(shares[: k + 1].sum()) + 1e-9
+        assert counts[k] <= float(n * shares[k])
+        assert sum(counts[: k + 1]) <= float(n * shares[: k + 1].sum()) + 1e-3
     # A threshold stays 1e8 exactly when n_k is 0.
     for k in range(steps - 1):
         assert (thr[k].item() == BIG) == (want[k] == 0)
