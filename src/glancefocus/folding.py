@@ -103,31 +103,11 @@ def fold_batchnorm(backbone: nn.Module) -> Optional[nn.Module]:
     return folded
 
 
-def folded_copy_bytes(encoder) -> int:
-    """The bytes a folded copy of the encoder's backbone holds (0 when nothing folds): the
-    memory that frozen passes with folding add. Counted without making the copy."""
-    backbone = encoder.backbone
-    pairs = conv_batchnorm_pairs(backbone)
-    if not pairs:
-        return 0
-    total = _bytes([*backbone.parameters(), *backbone.buffers()])
-    for conv_name, bn_name in pairs:
-        conv, bn = backbone.get_submodule(conv_name), backbone.get_submodule(bn_name)
-        total -= _bytes([*bn.parameters(), *bn.buffers()])
-        if conv.bias is None:  # the folded convolution gains one
-            total += conv.out_channels * conv.weight.element_size()
-    return total
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def weights_key(module: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer of `module` is replaced or changed in place
     (an optimiser step, load_state_dict, .to()): a folded copy made for one key is stale
     under another."""
-    # the storage object, not its data pointer, which fake tensors (train/memory.py) lack
+    # the storage object: a tensor replaced, or given new data with `.data =`, has another
     return tuple((t.untyped_storage()._cdata, t._version, t.dtype, t.device)
                  for t in [*module.parameters(), *module.buffers()])
 
@@ -135,7 +115,7 @@ def weights_key(module: nn.Module) -> tuple:
 @contextlib.contextmanager
 def folded_encoders(*encoders) -> Iterator[None]:
     """Inside, the encoders' eval-mode passes without gradients run their folded copies
-    (Encoder.folded)."""
+    (inference_backbone)."""
     saved = [encoder.fold_batchnorm for encoder in encoders]
     for encoder in encoders:
         encoder.fold_batchnorm = True
@@ -156,7 +136,7 @@ def inference_backbone(encoder) -> nn.Module:
     cached = encoder._folded
     if cached is None or cached[0] != key:
         folded = fold_batchnorm(backbone)
-        if folded is not None and key and key[0][3].type == "cpu":
+        if folded is not None and next(folded.parameters()).device.type == "cpu":
             # the rollout's images are channels-last on CPUs (ppo.collect_rollout): weights in
             # the same layout spare oneDNN a reorder per call (ResNet-50 at P 96: 0.95x the time)
             folded = folded.to(memory_format=torch.channels_last)

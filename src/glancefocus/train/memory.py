@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from ..config import RunConfig, to_dict
-from ..folding import folded_copy_bytes
+from ..folding import conv_batchnorm_pairs
 from .optim import freeze_for_stage, set_train_modes
 from .ppo import PPOLoss, collect_rollout, discounted_returns, normalise
 from .runtime import Runtime
@@ -133,6 +133,23 @@ def encoder_pass_bytes(encoder, images, patch_size: int, amp: str) -> int:
     encoder.activation_checkpointing = checkpointing
     del pooled
     return counter.total
+
+
+def folded_copy_bytes(encoder) -> int:
+    """The bytes of the encoder's copy with BatchNorm folded that stage 2's rollout runs
+    (folding.py; 0 when nothing folds), counted without making the copy: the backbone's
+    tensors less each folded BatchNorm's, plus a bias for a convolution that had none."""
+    backbone = encoder.backbone
+    pairs = conv_batchnorm_pairs(backbone)
+    if not pairs:
+        return 0
+    total = tensor_bytes([*backbone.parameters(), *backbone.buffers()])
+    for conv_name, bn_name in pairs:
+        conv, bn = backbone.get_submodule(conv_name), backbone.get_submodule(bn_name)
+        total -= tensor_bytes([*bn.parameters(), *bn.buffers()])
+        if conv.bias is None:
+            total += conv.out_channels * conv.weight.element_size()
+    return total
 
 
 def _is_channels_last(images: torch.Tensor) -> bool:
